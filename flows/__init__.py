@@ -1,0 +1,25 @@
+"""riemannian-flows: learning as continuous-time dynamics.
+
+    problem (model + loss + data) → rule (vector field) ← metric → simulate (torchdiffeq) → Trajectory
+
+The public API is re-exported here; see the README for a tour.
+"""
+
+from flows import data, events, metrics, rules
+from flows.errors import FlowDivergedError, NotEffectiveError
+from flows.problem import Block, Problem
+from flows.simulate import simulate
+from flows.trajectory import Trajectory
+
+__all__ = [
+    "Block",
+    "FlowDivergedError",
+    "NotEffectiveError",
+    "Problem",
+    "Trajectory",
+    "data",
+    "events",
+    "metrics",
+    "rules",
+    "simulate",
+]

@@ -1,0 +1,72 @@
+"""Bundled data: scikit-learn's digits (shipped inside the package, no download) and small synthetic sets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def digits(n: int | None = None, *, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1 797 8×8 handwritten digits of scikit-learn (bundled), pixels scaled to [0, 1].
+
+    Returns ``(inputs, labels)``: inputs (n, 64) of ``dtype``, integer labels (n,) in 0…9. With ``n``, a
+    fixed random subset of n samples drawn with ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    inputs = torch.as_tensor(x, dtype=dtype) / 16.0
+    labels = torch.as_tensor(y, dtype=torch.long)
+    if n is not None:
+        if not 1 <= n <= len(labels):
+            raise ValueError(f"n must be between 1 and {len(labels)}, got {n}")
+        idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+        inputs, labels = inputs[idx], labels[idx]
+    return inputs, labels
+
+
+def mlp(sizes: list[int] | tuple[int, ...], *, activation: type[nn.Module] = nn.Tanh, seed: int = 0,
+        dtype=torch.float64) -> nn.Sequential:
+    """A fully connected network ``sizes[0] → … → sizes[-1]`` with ``activation`` between layers.
+
+    Weights use torch's default initialisation under a fixed seed, so one seed gives one θ₀.
+    """
+    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
+        raise ValueError(f"sizes must list at least two positive layer widths, got {list(sizes)}")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(int(fan_in), int(fan_out), dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        return nn.Sequential(*layers)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+class QuadraticModel(nn.Module):
+    """y = R θ for one dummy input, with RᵀR = A: under the "mse" loss with target 0, L(θ) = ½ θᵀAθ."""
+
+    def __init__(self, A: torch.Tensor, theta0: torch.Tensor):
+        super().__init__()
+        A = torch.as_tensor(A, dtype=torch.float64)
+        self.register_buffer("R", torch.linalg.cholesky(A).T.contiguous())
+        self.theta = nn.Parameter(torch.as_tensor(theta0, dtype=A.dtype).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.R @ self.theta).expand(x.shape[0], -1)
+
+
+def quadratic(A, theta0, *, dtype=torch.float64):
+    """The problem L(θ) = ½ θᵀAθ (A SPD), whose gradient flows have closed forms (MATH.md §1).
+
+    Under a constant metric M the flow is θ(t) = exp(−M⁻¹A t) θ₀.
+    """
+    from flows.problem import Problem
+
+    A = torch.as_tensor(A, dtype=torch.float64)
+    model = QuadraticModel(A, theta0)
+    n = A.shape[0]
+    return Problem(model, "mse", (torch.zeros(1, 1), torch.zeros(1, n)), dtype=dtype)

@@ -1,0 +1,6 @@
+"""Metrics G(θ): one interface, ``solve(θ, v) = G(θ)⁻¹v`` and ``matrix(θ)`` (dense, small N)."""
+
+from flows.metrics._base import Constant, Diagonal, Euclidean, Metric
+from flows.metrics.natural_gradient import NaturalGradient
+
+__all__ = ["Metric", "Euclidean", "Diagonal", "Constant", "NaturalGradient"]

@@ -1,0 +1,226 @@
+"""A learning problem: a model, a loss and a data set, seen as functions of one flat parameter vector θ.
+
+    L(θ) = loss(model(inputs; θ), targets)                      (full batch)
+
+The model is never mutated: its parameters are copied once into the flat vector ``theta0`` and every
+evaluation goes through :func:`torch.func.functional_call`, so ``loss`` and ``grad`` are pure functions of θ
+and batch over an ensemble of parameter vectors with :func:`torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error  L = (1/B) Σ_b ½‖y_b − t_b‖²  (MATH.md §2.1).
+
+    This is ``C/2`` times torch's ``MSELoss()`` (which averages over all B·C entries); the factor makes the
+    output-space Gauss–Newton metric exactly I/B per sample.
+    """
+    diff = output - target
+    return 0.5 * (diff * diff).sum() / output.shape[0]
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy averaged over the batch, ``torch.nn.functional.cross_entropy``."""
+    return F.cross_entropy(output, target)
+
+
+LOSSES: dict[str, LossFn] = {"mse": mse, "cross_entropy": cross_entropy}
+
+
+@dataclass(frozen=True)
+class Block:
+    """The parameters of one module, a contiguous slice ``start:stop`` of θ."""
+
+    name: str
+    start: int
+    stop: int
+    param_names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _as_batch_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        inputs, targets = data
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data must be a pair (inputs, targets), got {type(data).__name__}") from exc
+    inputs, targets = torch.as_tensor(inputs), torch.as_tensor(targets)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets must have the same batch size, got {inputs.shape[0]} inputs "
+            f"and {targets.shape[0]} targets"
+        )
+    return inputs, targets
+
+
+class Problem:
+    """A full-batch learning problem as a function of the flat parameter vector θ ∈ R^N.
+
+    Args:
+        model: any ``nn.Module``; its parameters (in ``named_parameters`` order) make up θ.
+        loss: ``"mse"`` (:func:`mse`), ``"cross_entropy"`` (:func:`cross_entropy`) or a callable
+            ``(output, target) -> scalar``.
+        data: a pair ``(inputs, targets)``, used as one full batch.
+        dtype: floating dtype of θ and of the computation (float64 by default).
+        device: where everything runs; by default the device of the model's parameters.
+
+    Attributes:
+        theta0: the model's current parameters as one flat vector (a copy).
+        blocks: one :class:`Block` per module that owns parameters, in θ order.
+        num_params: N.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | LossFn,
+        data,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        params = dict(model.named_parameters())
+        if not params:
+            raise ValueError(f"model {type(model).__name__} has no parameters")
+        if device is None:
+            device = next(iter(params.values())).device
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
+            self.loss_name, self.loss_fn = loss, LOSSES[loss]
+        elif callable(loss):
+            self.loss_name, self.loss_fn = getattr(loss, "__name__", type(loss).__name__), loss
+        else:
+            raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
+
+        inputs, targets = _as_batch_pair(data)
+        self.inputs = self._to_device(inputs)
+        self.targets = self._to_device(targets)
+        self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
+
+        self._names = tuple(params)
+        self._shapes = tuple(p.shape for p in params.values())
+        self._numels = tuple(p.numel() for p in params.values())
+        self.theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(self.device, dtype)
+        self.num_params = int(self.theta0.numel())
+        self.blocks = self._make_blocks()
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def _make_blocks(self) -> tuple[Block, ...]:
+        blocks: list[Block] = []
+        offset = 0
+        for name, shape, numel in zip(self._names, self._shapes, self._numels):
+            owner = name.rpartition(".")[0] or name
+            if blocks and blocks[-1].name == owner:
+                last = blocks[-1]
+                blocks[-1] = Block(owner, last.start, offset + numel, (*last.param_names, name),
+                                   (*last.shapes, shape))
+            else:
+                blocks.append(Block(owner, offset, offset + numel, (name,), (shape,)))
+            offset += numel
+        return tuple(blocks)
+
+    def __repr__(self) -> str:
+        return (f"Problem({type(self.model).__name__}, loss={self.loss_name!r}, batch={self.batch_size}, "
+                f"N={self.num_params}, dtype={self.dtype})")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
+
+    # -- flat view -------------------------------------------------------------------------------
+    def _check(self, theta: torch.Tensor) -> None:
+        if theta.shape[-1] != self.num_params:
+            raise ValueError(
+                f"theta has length {theta.shape[-1]} but the problem has {self.num_params} parameters"
+            )
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of θ (shape ``(..., N)``) as the model's named parameters, batch dimensions in front."""
+        self._check(theta)
+        batch = theta.shape[:-1]
+        pieces = torch.split(theta, self._numels, dim=-1)
+        return {n: p.reshape(*batch, *s) for n, p, s in zip(self._names, pieces, self._shapes)}
+
+    def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`unflatten` for one parameter set."""
+        return torch.cat([params[n].reshape(-1) for n in self._names])
+
+    # -- pure functions of one θ (vmap-able) ----------------------------------------------------
+    def _outputs(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        params = self.unflatten(theta)
+        return functional_call(self.model, (params, self.buffers), (inputs,))
+
+    def _loss(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self._outputs(theta, self.inputs), self.targets)
+
+    def _batched(self, fn, theta: torch.Tensor):
+        self._check(theta)
+        if theta.ndim == 1:
+            return fn(theta)
+        flat = theta.reshape(-1, self.num_params)
+        out = vmap(fn)(flat)
+        if isinstance(out, tuple):
+            return tuple(o.reshape(*theta.shape[:-1], *o.shape[1:]) for o in out)
+        return out.reshape(*theta.shape[:-1], *out.shape[1:])
+
+    # -- public evaluations ---------------------------------------------------------------------
+    def outputs(self, theta: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Network outputs y(θ) on ``inputs`` (the problem's inputs by default); θ of shape (N,) or (E, N)."""
+        x = self.inputs if inputs is None else self._to_device(torch.as_tensor(inputs))
+        return self._batched(lambda th: self._outputs(th, x), theta)
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """L(θ); θ of shape (N,) gives a scalar, (E, N) gives E losses (vmap). Cost: one forward pass."""
+        return self._batched(self._loss, theta)
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """∇L(θ), same shape as θ. Cost: one forward and one backward pass (per ensemble member)."""
+        return self._batched(grad(self._loss), theta)
+
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(θ), ∇L(θ)) from one forward and one backward pass."""
+        g, value = self._batched(grad_and_value(self._loss), theta)
+        return value, g
+
+    def accuracy(self, theta: torch.Tensor, inputs=None, targets=None) -> torch.Tensor:
+        """Fraction of argmax predictions equal to integer class targets (classification problems)."""
+        y = self.outputs(theta, inputs)
+        t = self.targets if targets is None else torch.as_tensor(targets, device=self.device)
+        return (y.argmax(-1) == t).to(self.dtype).mean(-1)
+
+    def subset(self, indices) -> Problem:
+        """The same model and loss on the samples ``indices`` (shares θ layout and ``theta0``)."""
+        other = object.__new__(Problem)
+        other.__dict__.update(self.__dict__)
+        idx = torch.as_tensor(indices, device=self.device)
+        other.inputs, other.targets = self.inputs[idx], self.targets[idx]
+        return other

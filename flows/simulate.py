@@ -1,0 +1,354 @@
+"""``simulate``: integrate any vector field with torchdiffeq and return a :class:`flows.Trajectory`.
+
+torchdiffeq's ``method``, ``rtol``, ``atol`` and ``options`` are passed through unchanged, so every solver of
+the installed release works as documented there. Around the solver, simulate adds what a study of learning
+dynamics needs: counts of field evaluations and of accepted / rejected steps (torchdiffeq's step callbacks),
+a progress bar over solver time, stop events, ensembles, and a clear error that keeps the trajectory when the
+flow diverges.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+from torchdiffeq import odeint, odeint_event
+from tqdm.auto import tqdm
+
+from flows.errors import FlowDivergedError
+from flows.events import as_event
+from flows.trajectory import Trajectory
+
+try:  # the solver table of the installed torchdiffeq release, to list valid methods in errors
+    from torchdiffeq._impl.odeint import SOLVERS as _SOLVERS
+except ImportError:  # pragma: no cover - a future layout; torchdiffeq then reports bad methods itself
+    _SOLVERS = None
+
+#: torchdiffeq's own defaults, used for float64 when rtol/atol are None.
+DEFAULT_TOLERANCES = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-5, 1e-7), torch.float16: (1e-2, 1e-3),
+                      torch.bfloat16: (1e-2, 1e-3)}
+FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
+                      "fixed_adams")
+
+
+def methods() -> list[str]:
+    """Names of the solvers of the installed torchdiffeq release."""
+    return sorted(_SOLVERS) if _SOLVERS is not None else []
+
+
+class _NonFinite(Exception):
+    def __init__(self, t, y, reason="the vector field became non-finite"):
+        super().__init__(reason)
+        self.t, self.y, self.reason = t, y, reason
+
+
+class _MonitoredField:
+    """The user's field plus counting, finiteness checks, progress and the record kept for a divergence.
+
+    torchdiffeq calls ``callback_step(t0, y0, dt)`` at the start of every step: y0 is then an accepted state,
+    which is what a divergence report keeps (the last one, and the first one past each output time).
+    """
+
+    def __init__(self, field, t_out: torch.Tensor, pbar, callbacks: set[str]):
+        self.field = field
+        self.callbacks = callbacks
+        self.nfe = 0
+        self.steps = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.pbar = pbar
+        self._t0 = float(t_out[0])
+        self._direction = 1.0 if len(t_out) < 2 or t_out[-1] >= t_out[0] else -1.0
+        self._t_out = [float(x) for x in t_out]
+        self._next_out = 0
+        self.record: list[tuple[float, torch.Tensor]] = []
+        self.last: tuple[float, torch.Tensor] | None = None
+        self._step_callbacks = "callback_step" in callbacks
+        if self._step_callbacks:
+            self.callback_step = self._on_step
+        if "callback_accept_step" in callbacks:
+            self.callback_accept_step = self._on_accept
+        if "callback_reject_step" in callbacks:
+            self.callback_reject_step = self._on_reject
+
+    def _on_step(self, t0, y0, dt):
+        self.steps += 1
+        self._keep(float(t0), y0)
+
+    def _on_accept(self, t0, y0, dt):
+        self.accepted += 1
+
+    def _on_reject(self, t0, y0, dt):
+        self.rejected += 1
+
+    def _keep(self, t: float, y: torch.Tensor) -> None:
+        self.last = (t, y)
+        out = self._t_out
+        while self._next_out < len(out) and (t - out[self._next_out]) * self._direction >= 0:
+            self.record.append((t, y))
+            self._next_out += 1
+
+    def __call__(self, t, y):
+        self.nfe += 1
+        dy = self.field(t, y)
+        if not isinstance(dy, torch.Tensor) or dy.shape != y.shape:
+            shape = tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__
+            raise ValueError(f"the field returned {shape} for a state of shape {tuple(y.shape)}")
+        if not bool(torch.isfinite(dy).all()):
+            raise _NonFinite(float(t), y)
+        if not self._step_callbacks:
+            self._keep(float(t), y)
+        if self.pbar is not None:
+            done = (float(t) - self._t0) * self._direction
+            if done > self.pbar.n:
+                self.pbar.update(done - self.pbar.n)
+        return dy.detach()
+
+
+def _check_inputs(theta0, t, method, rtol, atol, problem):
+    theta0 = torch.as_tensor(theta0)
+    if not theta0.is_floating_point():
+        raise ValueError(f"theta0 must be a floating tensor, got dtype {theta0.dtype}")
+    if theta0.ndim not in (1, 2):
+        raise ValueError(f"theta0 must have shape (N,) or (E, N), got {tuple(theta0.shape)}")
+    if problem is not None and theta0.shape[-1] != problem.num_params:
+        raise ValueError(
+            f"theta0 has length {theta0.shape[-1]} but the problem has {problem.num_params} parameters"
+        )
+    if not bool(torch.isfinite(theta0).all()):
+        raise ValueError("theta0 contains non-finite values")
+    t = torch.as_tensor(t, dtype=theta0.dtype, device=theta0.device)
+    if t.ndim != 1 or t.numel() < 2:
+        raise ValueError(f"t must be a 1-D tensor of at least 2 output times, got shape {tuple(t.shape)}")
+    steps = t[1:] - t[:-1]
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    if _SOLVERS is not None and method not in _SOLVERS:
+        raise ValueError(f"unknown method {method!r}; torchdiffeq offers {methods()}")
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(theta0.dtype, (1e-7, 1e-9))
+    if method not in FIXED_GRID_METHODS and theta0.dtype != torch.float64 and (rtol is not None or atol is not None):
+        # the solver asks for |error_i| ≤ atol + rtol·|θ_i|; below ~10 ulp of θ_i that cannot be met
+        eps = torch.finfo(theta0.dtype).eps
+        r = default_rtol if rtol is None else float(rtol)
+        a = default_atol if atol is None else float(atol)
+        scale = theta0.detach().abs().max().item()
+        if a + r * scale < 10 * eps * scale:
+            warnings.warn(
+                f"rtol={r:g}, atol={a:g} ask for errors below the resolution of {theta0.dtype} "
+                f"(10·eps = {10 * eps:.2g} relative, states up to {scale:.3g}); the solver cannot meet them "
+                f"and will take tiny steps",
+                stacklevel=3,
+            )
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    return theta0, t, rtol, atol
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("riemannian-flows", "torch", "torchdiffeq", "numpy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _describe(obj):
+    describe = getattr(obj, "describe", None)
+    return describe() if callable(describe) else repr(obj)
+
+
+def simulate(
+    field,
+    theta0,
+    t,
+    *,
+    method: str = "dopri5",
+    rtol: float | None = None,
+    atol: float | None = None,
+    options: dict | None = None,
+    event=None,
+    progress: bool = True,
+    problem=None,
+    record: bool = True,
+) -> Trajectory:
+    """Integrate θ̇ = field(t, θ) from θ(t[0]) = theta0 and report θ at the times ``t``.
+
+    Args:
+        field: any callable ``f(t, θ) -> dθ/dt`` (e.g. :class:`flows.rules.GradientFlow`).
+        theta0: initial state, shape (N,), or (E, N) for an ensemble of E trajectories in one solve (the
+            field must then accept (E, N); adaptive methods share one step size across members).
+        t: output times (1-D, strictly monotone).
+        method, rtol, atol, options: torchdiffeq's, passed through unchanged. rtol/atol None means
+            torchdiffeq's defaults (1e-7, 1e-9) in float64, (1e-5, 1e-7) in float32.
+        event: stop condition g(t, θ), e.g. :func:`flows.events.loss_below`; the solve stops at the first
+            sign change of any component, located by torchdiffeq's ``odeint_event``. With an event the solve
+            advances output interval by output interval (each a fresh torchdiffeq call) so that the states at
+            the requested times stay exact.
+        progress: show a tqdm bar over solver time (it is silent anyway when stderr is not a terminal).
+        problem: the :class:`flows.Problem` for recording loss and gradient norm; defaults to
+            ``field.problem`` when the field has one.
+        record: evaluate the loss and ‖∇L‖ at the output times (one gradient per output time).
+
+    Returns:
+        a :class:`flows.Trajectory`.
+
+    Raises:
+        FlowDivergedError: the field became non-finite; the error carries the last finite state and the
+            trajectory recorded up to it.
+        ValueError: bad θ0, t or method (the message names the values).
+
+    The vector field's output is detached, so no autograd graph grows across steps.
+    """
+    problem = getattr(field, "problem", None) if problem is None else problem
+    theta0, t, rtol, atol = _check_inputs(theta0, t, method, rtol, atol, problem)
+    options = dict(options) if options is not None else None
+    bound_event = as_event(event)
+    if bound_event is not None and bound_event.needs_problem:
+        bound_event = bound_event.bind(problem)
+
+    callbacks = _SOLVERS[method].valid_callbacks() if _SOLVERS is not None else set()
+    span = abs(float(t[-1] - t[0]))
+    pbar = tqdm(total=span, disable=None if progress else True, desc="simulate", unit="t",
+                bar_format="{l_bar}{bar}| t={n:.3g}/{total:.3g} [{elapsed}<{remaining}]", leave=False)
+    monitored = _MonitoredField(field, t, None if pbar.disable else pbar, callbacks)
+    solver = {"method": method, "rtol": rtol, "atol": atol}
+    if options is not None:
+        solver["options"] = options
+
+    start = time.perf_counter()
+    stopped_by_event = False
+    try:
+        if bound_event is None:
+            theta = odeint(monitored, theta0.detach(), t, options=options, **solver_args(solver))
+            times = t
+        else:
+            times, theta, stopped_by_event = _solve_with_event(monitored, theta0.detach(), t, bound_event,
+                                                               solver)
+    except _NonFinite as bad:
+        raise _diverged(monitored, bad, theta0, field, problem, record, solver) from None
+    except AssertionError as exc:  # torchdiffeq's way of reporting a step size that underflowed
+        if not str(exc).startswith(("underflow in dt", "max_num_steps exceeded")):
+            raise
+        last_t = monitored.last[0] if monitored.last is not None else float(t[0])
+        reason = _NonFinite(last_t, None, f"the solver's step size underflowed ({exc}); the flow is stiff or "
+                                          "blows up in finite time")
+        raise _diverged(monitored, reason, theta0, field, problem, record, solver) from exc
+    finally:
+        pbar.close()
+    wall = time.perf_counter() - start
+
+    stats = _stats(monitored, wall, callbacks)
+    stats["stopped_by_event"] = stopped_by_event
+    metadata = _metadata(field, problem, solver, bound_event)
+    traj = Trajectory(times.detach(), theta.detach(), stats=stats, metadata=metadata)
+    if record and problem is not None:
+        traj.loss, traj.grad_norm = measure(problem, traj.theta)
+    return traj
+
+
+def solver_args(solver: dict) -> dict:
+    return {"method": solver["method"], "rtol": solver["rtol"], "atol": solver["atol"]}
+
+
+def _solve_with_event(monitored, theta0, t, event, solver):
+    """Advance interval by interval; in the interval where the event changes sign, locate it exactly."""
+    options = solver.get("options")
+    direction = 1.0 if t[-1] > t[0] else -1.0
+    with torch.no_grad():
+        sign0 = torch.sign(event(t[0], theta0)).reshape(-1)
+    times, states = [t[0]], [theta0]
+    current = theta0
+    for i in range(1, len(t)):
+        nxt = odeint(monitored, current, t[i - 1:i + 1], options=options, **solver_args(solver))[-1]
+        with torch.no_grad():
+            crossed = bool((torch.sign(event(t[i], nxt)).reshape(-1) != sign0).any())
+        if not crossed:
+            times.append(t[i])
+            states.append(nxt)
+            current = nxt
+            continue
+        event_options = options
+        if solver["method"] in FIXED_GRID_METHODS and not (options or {}).get("step_size"):
+            # torchdiffeq's fixed-grid event search needs a step size; use the output spacing.
+            event_options = {**(options or {}), "step_size": abs(float(t[i] - t[i - 1]))}
+        t_end = t[i]
+
+        def bounded(tt, y, t_end=t_end):  # the event itself, or the end of this interval
+            return torch.cat([event(tt, y).reshape(-1), ((t_end - tt) * direction).reshape(1)])
+
+        t_event, solution = odeint_event(monitored, current, t[i - 1], event_fn=bounded,
+                                         reverse_time=direction < 0, options=event_options,
+                                         **solver_args(solver))
+        times.append(t_event.reshape(()).to(t))
+        states.append(solution[-1])
+        return torch.stack(times), torch.stack(states), True
+    return torch.stack(times), torch.stack(states), False
+
+
+def measure(problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L(θ) and ‖∇L(θ)‖₂ for every state of a (T, N) or (T, E, N) stack: one gradient per state."""
+    losses, norms = [], []
+    for state in theta:
+        value, g = problem.value_and_grad(state)
+        losses.append(value.detach())
+        norms.append(torch.linalg.vector_norm(g.detach(), dim=-1))
+    return torch.stack(losses), torch.stack(norms)
+
+
+def _stats(monitored: _MonitoredField, wall: float, callbacks: set[str]) -> dict:
+    stats = {"nfe": monitored.nfe, "wall_time": wall}
+    if "callback_step" in callbacks:
+        stats["steps"] = monitored.steps
+    if "callback_accept_step" in callbacks:
+        stats["accepted"] = monitored.accepted
+        stats["rejected"] = monitored.rejected
+    elif "callback_step" in callbacks:  # fixed-grid solvers accept every step
+        stats["accepted"], stats["rejected"] = monitored.steps, 0
+    return stats
+
+
+def _metadata(field, problem, solver, event) -> dict:
+    meta = {
+        "rule": _describe(field),
+        "solver": {k: (v if k != "options" else {kk: _describe(vv) if callable(vv) else vv
+                                                  for kk, vv in v.items()}) for k, v in solver.items()},
+        "versions": _versions(),
+    }
+    metric = getattr(field, "metric", None)
+    if metric is not None:
+        meta["metric"] = _describe(metric)
+    if problem is not None:
+        meta["problem"] = repr(problem)
+    if event is not None:
+        meta["event"] = event.describe() if hasattr(event, "describe") else repr(event)
+    return meta
+
+
+def _diverged(monitored, bad: _NonFinite, theta0, field, problem, record, solver) -> FlowDivergedError:
+    kept = list(monitored.record)
+    if monitored.last is not None and (not kept or kept[-1][0] != monitored.last[0]):
+        kept.append(monitored.last)
+    if not kept:
+        kept = [(float(bad.t), theta0)]
+    dtype, device = theta0.dtype, theta0.device
+    times = torch.tensor([k[0] for k in kept], dtype=dtype, device=device)
+    states = torch.stack([k[1].detach() for k in kept])
+    stats = _stats(monitored, float("nan"), monitored.callbacks)
+    stats["diverged_at"] = bad.t
+    traj = Trajectory(times, states, stats=stats, metadata=_metadata(field, problem, solver, None))
+    if record and problem is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traj.loss, traj.grad_norm = measure(problem, traj.theta)
+    last_t = float(times[-1])
+    return FlowDivergedError(
+        f"{bad.reason} at t={bad.t:.6g}; the last finite state is at t={last_t:.6g} "
+        f"({len(kept)} states kept in .trajectory). Try a smaller step, a larger damping, or a lower rate.",
+        t=last_t, theta=states[-1], trajectory=traj, bad_time=bad.t,
+    )

@@ -1,0 +1,106 @@
+"""Trajectory: the result of a simulation — states at output times plus what was measured along the way.
+
+Saved as one ``.npz`` file (numpy arrays + a JSON metadata string), written atomically: the data goes to a
+temporary file in the same folder, which then replaces the target, so a crash never leaves half a file.
+Arrays round-trip exactly (bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_ARRAYS = ("t", "theta", "loss", "grad_norm")
+
+
+@dataclass
+class Trajectory:
+    """States θ(t) of one solve.
+
+    Attributes:
+        t: output times, shape (T,).
+        theta: states, shape (T, N), or (T, E, N) for an ensemble of E members.
+        loss: L(θ(t)), shape (T,) or (T, E); None when the field has no problem to evaluate.
+        grad_norm: ‖∇L(θ(t))‖₂, same shape as ``loss``; None likewise.
+        stats: solver counts — ``nfe`` (field evaluations), ``steps`` (attempted), ``accepted``,
+            ``rejected``, ``wall_time`` (s), ``stopped_by_event`` (bool), …
+        metadata: JSON-serialisable description — rule, metric, solver, tolerances, versions.
+    """
+
+    t: torch.Tensor
+    theta: torch.Tensor
+    loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.theta.ndim == 3
+
+    @property
+    def final(self) -> torch.Tensor:
+        """The last state θ(t_end)."""
+        return self.theta[-1]
+
+    def member(self, i: int) -> Trajectory:
+        """Member i of an ensemble trajectory, as a single trajectory."""
+        if not self.is_ensemble:
+            raise ValueError("member() needs an ensemble trajectory (theta of shape T × E × N)")
+        pick = (lambda a: None if a is None else a[:, i])
+        return Trajectory(self.t, self.theta[:, i], pick(self.loss), pick(self.grad_norm),
+                          dict(self.stats), {**self.metadata, "member": i})
+
+    def __repr__(self) -> str:
+        shape = "×".join(str(s) for s in self.theta.shape)
+        span = f"t∈[{self.t[0].item():.4g}, {self.t[-1].item():.4g}]" if len(self) else "empty"
+        return f"Trajectory({shape}, {span}, nfe={self.stats.get('nfe')})"
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one ``.npz`` file atomically; returns the path written."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {name: getattr(self, name).detach().cpu().numpy() for name in _ARRAYS
+                  if getattr(self, name) is not None}
+        header = {"stats": self.stats, "metadata": self.metadata,
+                  "dtype": str(self.theta.dtype).removeprefix("torch.")}
+        arrays["header"] = np.array(json.dumps(header, default=_jsonable))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trajectory:
+        """Read a file written by :meth:`save`."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            arrays = {name: torch.from_numpy(data[name].copy()) if name in data else None for name in _ARRAYS}
+        return cls(stats=header["stats"], metadata=header["metadata"], **arrays)
+
+
+def _jsonable(obj):
+    if isinstance(obj, torch.Tensor | np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return repr(obj)
