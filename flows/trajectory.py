@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from flows._io import atomic_path
 
 _ARRAYS = ("t", "theta", "loss", "grad_norm")
 
@@ -56,7 +57,9 @@ class Trajectory:
         """Member i of an ensemble trajectory, as a single trajectory."""
         if not self.is_ensemble:
             raise ValueError("member() needs an ensemble trajectory (theta of shape T × E × N)")
-        pick = (lambda a: None if a is None else a[:, i])
+        def pick(a):
+            return None if a is None else a[:, i]
+
         return Trajectory(self.t, self.theta[:, i], pick(self.loss), pick(self.grad_norm),
                           dict(self.stats), {**self.metadata, "member": i})
 
@@ -71,22 +74,13 @@ class Trajectory:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self, name).detach().cpu().numpy() for name in _ARRAYS
                   if getattr(self, name) is not None}
         header = {"stats": self.stats, "metadata": self.metadata,
                   "dtype": str(self.theta.dtype).removeprefix("torch.")}
         arrays["header"] = np.array(json.dumps(header, default=_jsonable))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         return path
 
     @classmethod

@@ -10,10 +10,10 @@ Cost per solve O(N d² + d³) time, O(N d) memory, plus d vector–Jacobian prod
 from __future__ import annotations
 
 import torch
-from torch.func import jacrev
+from torch.func import jacrev, vmap
 
 from flows.metrics._base import Metric, _check_length, _positive_float, batched
-from flows.metrics.output import fisher_factor, ggn_factor, identity_factor, resolve_output
+from flows.metrics.output import check_separable, output_rows, resolve_output
 
 
 def select_metric_batch(metric_batch, batch_size: int, seed: int, device) -> torch.Tensor | None:
@@ -46,30 +46,45 @@ class NaturalGradient(Metric):
         seed: seed of the random subsample when ``metric_batch`` is a count.
     """
 
-    def __init__(self, problem, mu: float = 1.0, output: str = "auto", metric_batch=None, seed: int = 0):
+    def __init__(self, problem, mu: float = 1.0, output: str = "auto", metric_batch=None, seed: int = 0,
+                 probes: int = 1):
         self.problem = problem
         self.mu = _positive_float(mu, "mu")
         self.output = resolve_output(output, problem.loss_name)
+        self.probes, self.seed = int(probes), seed
         self.indices = select_metric_batch(metric_batch, problem.batch_size, seed, problem.device)
         if self.indices is None:
             self.inputs, self.targets = problem.inputs, problem.targets
         else:
             self.inputs, self.targets = problem.inputs[self.indices], problem.targets[self.indices]
+        if self.output == "ggn":
+            check_separable(problem._outputs(problem.theta0, self.inputs), self.targets, problem.loss_fn)
 
-    def _outputs(self, theta):
-        y = self.problem._outputs(theta, self.inputs)
+    def rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Output-metric factor rows (B, R, C) at the network outputs (see :mod:`flows.metrics.output`)."""
+        return output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
+                           seed=self.seed)
+
+    def _sample_output(self, theta, x):
+        y = self.problem._outputs(theta, x[None])[0]
         return y, y
 
-    def factor(self, theta: torch.Tensor) -> torch.Tensor:
-        """K = L_o J (d × N) at one θ. Cost: d vector–Jacobian products."""
-        jac, y = jacrev(self._outputs, has_aux=True)(theta)
+    def jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample output Jacobians J (B, C, N) and outputs y (B, C) at one θ.
+
+        Each sample's C rows are back-propagated through that sample alone (vmap over samples of jacrev), so
+        the cost is B·C single-sample vector–Jacobian products rather than B·C full-batch ones. This assumes
+        the model treats samples independently (true of MLPs; not of batch normalisation in training mode).
+        """
+        jac, y = vmap(jacrev(self._sample_output, has_aux=True), in_dims=(None, 0))(theta, self.inputs)
         b = y.shape[0]
-        jac = jac.reshape(b, -1, theta.shape[-1])
-        if self.output == "identity":
-            return identity_factor(jac)
-        if self.output == "fisher":
-            return fisher_factor(jac, y.reshape(b, -1))
-        return ggn_factor(jac, y, self.targets, self.problem.loss_fn)
+        return jac.reshape(b, -1, theta.shape[-1]), y.reshape(b, -1)
+
+    def factor(self, theta: torch.Tensor) -> torch.Tensor:
+        """K = L_o J (d × N) at one θ. Cost: d single-sample vector–Jacobian products."""
+        jac, y = self.jacobian(theta)
+        outputs = y if self.output != "ggn" else self.problem._outputs(theta, self.inputs)  # the loss's own shape
+        return torch.einsum("brc,bcn->brn", self.rows(outputs), jac).reshape(-1, theta.shape[-1])
 
     def _solve_one(self, theta, v):
         k = self.factor(theta)

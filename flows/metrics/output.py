@@ -1,12 +1,17 @@
-"""Output-space metric factors L_o with M_o = L_oᵀL_o (MATH.md §2.1).
+"""Output-space metric factors L_o with M_o = L_oᵀL_o (MATH.md §2.1), one block per sample.
 
-Each factor maps the output Jacobian J (shape (B, C, N): sample, output, parameter) to the metric factor
-K = L_o J of shape (d, N), d = B·C, so that the Gauss–Newton / Fisher metric is μI + KᵀK.
+A factor is returned as ``rows`` of shape (B, R, C): sample b owns R rows of length C (its outputs), so
+row (b, r) touches only sample b. With per-sample output Jacobians J_b (C × N), the metric factor is
+K = L_o J, row (b, r) = rows[b, r] · J_b, and the Gauss–Newton / Fisher metric is μI + KᵀK. The number of
+factor rows is d = B·R.
 
-- ``identity``: squared error L = (1/B) Σ ½‖y_b − t_b‖²; M_o = I/B, L_o = I/√B.
-- ``fisher``: softmax cross-entropy; per sample M_o = (diag p − ppᵀ)/B, L_o = (diag √p − √p pᵀ)/√B (exact).
-- ``ggn``: any loss; M_o = ∇²_y L (all B·C outputs at once), factored as diag(√λ₊)Vᵀ from its eigen-
-  decomposition (a generalised Gauss–Newton metric; PSD losses only, negative curvature is clipped to 0).
+- ``identity``: squared error L = (1/B) Σ ½‖y_b − t_b‖²; M_o = I/B, rows = I/√B (R = C).
+- ``fisher``: softmax cross-entropy; M_o,b = (diag p − ppᵀ)/B, rows = (diag √p − √p pᵀ)/√B (exact, R = C).
+- ``ggn``: any loss that is a sum over samples; M_o,b = ∇²_{y_b} L, factored as diag(√λ₊)Vᵀ from its eigen-
+  decomposition (robust where the block is only semi-definite, as the softmax Fisher is; R = C).
+- ``sampled_fisher``: r probes k ~ p per sample, rows (e_k − p)/√(rB): an unbiased estimate of the Fisher with
+  R = r rows. The probes are drawn by inverse CDF from uniforms fixed by ``seed``, so the metric is a
+  deterministic but *non-smooth* function of θ: use it for discrete-time updates, not inside adaptive ODE solves.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.func import hessian
 
-OUTPUT_METRICS = ("identity", "fisher", "ggn")
+OUTPUT_METRICS = ("identity", "fisher", "ggn", "sampled_fisher")
 _AUTO = {"mse": "identity", "cross_entropy": "fisher"}
 
 
@@ -27,27 +32,66 @@ def resolve_output(output: str, loss_name: str) -> str:
     return output
 
 
-def identity_factor(jac: torch.Tensor) -> torch.Tensor:
-    """K = J/√B for the squared error. Cost O(dN)."""
-    b = jac.shape[0]
-    return jac.reshape(-1, jac.shape[-1]) / b**0.5
+def identity_rows(outputs: torch.Tensor) -> torch.Tensor:
+    """rows_b = I_C/√B. Cost O(BC²)."""
+    b, c = outputs.shape
+    eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device) / b**0.5
+    return eye.expand(b, c, c)
 
 
-def fisher_factor(jac: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """K_b = (diag √p − √p pᵀ) J_b / √B per sample, p = softmax(logits_b). Cost O(dN)."""
-    b = jac.shape[0]
+def fisher_rows(logits: torch.Tensor) -> torch.Tensor:
+    """rows_b = (diag √p − √p pᵀ)/√B with p = softmax(logits_b); rows_bᵀ rows_b = (diag p − ppᵀ)/B."""
+    b = logits.shape[0]
     p = torch.softmax(logits, dim=-1)
     sqrt_p = p.sqrt()
-    mean_row = torch.einsum("bc,bcn->bn", p, jac)  # pᵀ J_b
-    k = sqrt_p[..., None] * (jac - mean_row[:, None, :])
-    return k.reshape(-1, jac.shape[-1]) / b**0.5
+    return (torch.diag_embed(sqrt_p) - sqrt_p[:, :, None] * p[:, None, :]) / b**0.5
 
 
-def ggn_factor(jac: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor, loss_fn) -> torch.Tensor:
-    """K = diag(√λ₊) Vᵀ J with ∇²_y L = V diag(λ) Vᵀ over all d outputs. Cost O(d³ + d²N)."""
-    d = outputs.numel()
-    h = hessian(lambda y: loss_fn(y.reshape(outputs.shape), targets))(outputs.reshape(-1))
-    h = 0.5 * (h + h.T)
-    lam, vecs = torch.linalg.eigh(h)
-    factor = lam.clamp_min(0).sqrt()[:, None] * vecs.T
-    return factor @ jac.reshape(d, -1)
+def _output_hessian(outputs, targets, loss_fn):
+    b, c = outputs.shape[0], outputs[0].numel()
+    h = hessian(lambda y: loss_fn(y.reshape(outputs.shape), targets))(outputs.reshape(-1)).reshape(b, c, b, c)
+    idx = torch.arange(b, device=outputs.device)
+    return h, h[idx, :, idx, :]  # the full Hessian and its per-sample blocks (B, C, C)
+
+
+def check_separable(outputs: torch.Tensor, targets: torch.Tensor, loss_fn) -> None:
+    """Raise ValueError if the loss couples samples (its output Hessian is not block-diagonal over samples)."""
+    h, blocks = _output_hessian(outputs.detach(), targets, loss_fn)
+    off = float(h.abs().sum() - blocks.abs().sum())
+    if off > 1e-10 * max(float(blocks.abs().sum()), 1e-300):
+        raise ValueError(f"the loss couples samples (off-diagonal output-Hessian mass {off:.3g}); the ggn output "
+                         "metric needs a loss that is a sum over samples")
+
+
+def ggn_rows(outputs: torch.Tensor, targets: torch.Tensor, loss_fn) -> torch.Tensor:
+    """Per-sample factors of ∇²_y L (see :func:`check_separable`). Cost O((BC)²) for the Hessian plus O(BC³)
+    for the eigen-solves."""
+    _, blocks = _output_hessian(outputs, targets, loss_fn)
+    blocks = 0.5 * (blocks + blocks.transpose(1, 2))
+    lam, vecs = torch.linalg.eigh(blocks)
+    return lam.clamp_min(0).sqrt()[:, :, None] * vecs.transpose(1, 2)
+
+
+def sampled_fisher_rows(logits: torch.Tensor, probes: int, seed: int = 0) -> torch.Tensor:
+    """rows (e_k − p)/√(rB) for r probes k ~ softmax(logits_b) per sample (non-smooth in θ; see module doc)."""
+    b, c = logits.shape
+    p = torch.softmax(logits, dim=-1)
+    u = torch.rand(b, probes, generator=torch.Generator().manual_seed(seed), dtype=p.dtype).to(p.device)
+    k = torch.searchsorted(p.cumsum(-1).detach(), u).clamp_max(c - 1)
+    onehot = torch.nn.functional.one_hot(k, c).to(p.dtype)
+    return (onehot - p[:, None, :]) / (probes * b) ** 0.5
+
+
+def output_rows(kind: str, outputs: torch.Tensor, targets: torch.Tensor, loss_fn, *, probes: int = 1,
+                seed: int = 0) -> torch.Tensor:
+    """The factor rows (B, R, C) of the output metric ``kind`` at network outputs (B, C)."""
+    flat = outputs.reshape(outputs.shape[0], -1)
+    if kind == "identity":
+        return identity_rows(flat)
+    if kind == "fisher":
+        return fisher_rows(flat)
+    if kind == "ggn":
+        return ggn_rows(outputs, targets, loss_fn)
+    if kind == "sampled_fisher":
+        return sampled_fisher_rows(flat, probes, seed)
+    raise ValueError(f"unknown output metric {kind!r}; choose one of {list(OUTPUT_METRICS)}")

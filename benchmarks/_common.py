@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: medians after warm-up, side-by-side repeats, a results file with context."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def setup(threads: int = 2) -> None:
+    torch.set_num_threads(threads)
+
+
+def time_side_by_side(candidates: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Run every candidate ``warmup`` times, then ``repeats`` rounds interleaved (so drift hits all alike).
+
+    Returns per candidate the median, min and all times in seconds.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
+            for name, ts in times.items()}
+
+
+def context() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {"threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "torchdiffeq": v("torchdiffeq"), "riemannian-flows": v("riemannian-flows"),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_results(name: str, payload: dict) -> Path:
+    from flows._io import write_text
+
+    path = RESULTS / f"{name}.json"
+    write_text(path, json.dumps({"benchmark": name, "context": context(), **payload}, indent=2) + "\n")
+    return path

@@ -1,0 +1,187 @@
+"""The ``flows`` command: ``flows demo`` (the main job) and ``flows simulate``.
+
+Run ``flows --help`` or ``flows SUBCOMMAND --help`` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import flows
+from flows._io import write_text
+
+METRICS = ("euclidean", "natural")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def digits_problem(hidden: list[int], *, samples: int | None = None, seed: int = 0,
+                   dtype=torch.float64) -> flows.Problem:
+    """The bundled-digits classification problem: a tanh MLP 64 → hidden… → 10 under cross-entropy."""
+    x, y = flows.data.digits(samples, seed=seed, dtype=dtype)
+    model = flows.data.mlp([64, *hidden, 10], seed=seed, dtype=dtype)
+    return flows.Problem(model, "cross_entropy", (x, y), dtype=dtype)
+
+
+def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: int | None):
+    if name == "euclidean":
+        return flows.metrics.Euclidean()
+    if name == "natural":
+        return flows.metrics.NaturalGradient(problem, mu=mu, metric_batch=metric_batch)
+    raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
+
+
+def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dict:
+    return {
+        "run": label,
+        "final_loss": float(traj.loss[-1]),
+        "accuracy": float(problem.accuracy(traj.final)),
+        "t_end": float(traj.t[-1]),
+        "nfe": int(traj.stats["nfe"]),
+        "steps": traj.stats.get("steps"),
+        "rejected": traj.stats.get("rejected"),
+        "wall_time_s": float(traj.stats["wall_time"]),
+    }
+
+
+COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("t_end", "{:.3g}"),
+           ("nfe", "{}"), ("steps", "{}"), ("rejected", "{}"), ("wall_time_s", "{:.2f}")]
+
+
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    """A fixed-width text table; the numbers are rounded only for display."""
+    cells = [[name for name, _ in columns]]
+    for row in rows:
+        cells.append([("-" if row.get(name) is None else fmt.format(row[name])) for name, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run_demo(args) -> int:
+    out = Path(args.out)
+    dtype = torch.float64
+    problem = digits_problem(args.hidden, seed=args.seed, dtype=dtype)
+    t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
+    runs = {
+        "euclidean": flows.metrics.Euclidean(),
+        "natural": flows.metrics.NaturalGradient(problem, mu=args.mu, metric_batch=args.metric_batch,
+                                                 seed=args.seed),
+    }
+    print(f"flows demo: {problem}; θ₀ shared; t ∈ [0, {args.t_end:g}]; dopri5 rtol={args.rtol:g} "
+          f"atol={args.atol:g}", flush=True)
+    trajectories, rows = {}, []
+    for label, metric in runs.items():
+        print(f"  simulating {label} gradient flow under {metric!r} …", flush=True)
+        traj = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t,
+                              rtol=args.rtol, atol=args.atol, progress=not args.quiet)
+        traj.save(out / f"{label}.npz")
+        trajectories[label] = traj
+        rows.append(summarize(label, problem, traj))
+    fig = flows.plot.loss_curves(trajectories)
+    fig.axes[0].set_title(f"Gradient flows of a {'-'.join(map(str, [64, *args.hidden, 10]))} tanh MLP on digits")
+    flows.plot.save(fig, out / "loss.png")
+    summary = {"problem": repr(problem), "t_end": args.t_end, "rtol": args.rtol, "atol": args.atol,
+               "mu": args.mu, "metric_batch": args.metric_batch, "runs": rows}
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print()
+    print(format_table(rows))
+    print(f"\nwrote {out / 'loss.png'}, {out / 'summary.json'} and the trajectories "
+          f"({', '.join(f'{k}.npz' for k in runs)}) to {out}/")
+    return 0
+
+
+def _run_simulate(args) -> int:
+    dtype = DTYPES[args.dtype]
+    problem = digits_problem(args.hidden, samples=args.samples, seed=args.seed, dtype=dtype)
+    metric = make_metric(args.metric, problem, mu=args.mu, metric_batch=args.metric_batch)
+    options = {"step_size": args.step_size} if args.step_size else None
+    t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
+    start = time.perf_counter()
+    traj = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t, method=args.method,
+                          rtol=args.rtol, atol=args.atol, options=options, progress=not args.quiet)
+    path = traj.save(args.output)
+    print(format_table([summarize(args.metric, problem, traj)]))
+    print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _positive_int_list(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flows", description="Simulate learning as continuous-time dynamics.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the main job: Euclidean vs natural-gradient flow of an MLP on digits",
+                          description="Simulate a tanh MLP on the bundled digits data under Euclidean and "
+                                      "natural-gradient flows from one θ₀; print a table; write a loss "
+                                      "figure, summary.json and the trajectories.")
+    demo.add_argument("--out", default="flows-out", help="output folder (default: %(default)s)")
+    demo.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
+    demo.add_argument("--t-end", type=float, default=30.0, help="simulated time span (default: %(default)s)")
+    demo.add_argument("--points", type=int, default=61, help="output times (default: %(default)s)")
+    demo.add_argument("--mu", type=float, default=1e-2, help="natural-gradient damping μ")
+    demo.add_argument("--metric-batch", type=int, default=32, help="samples in the metric (d = 10 × this)")
+    demo.add_argument("--rtol", type=float, default=1e-6)
+    demo.add_argument("--atol", type=float, default=1e-8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_run_demo)
+
+    sim = sub.add_parser("simulate", help="one gradient flow of an MLP on digits, saved as .npz",
+                         description="Simulate one gradient flow of a tanh MLP on the bundled digits data.")
+    sim.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
+    sim.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
+    sim.add_argument("--metric", choices=METRICS, default="euclidean")
+    sim.add_argument("--mu", type=float, default=1e-2, help="damping μ of the natural-gradient metric")
+    sim.add_argument("--metric-batch", type=int, default=32, help="samples in the natural-gradient metric")
+    sim.add_argument("--method", default="dopri5", help="any torchdiffeq method (default: %(default)s)")
+    sim.add_argument("--rtol", type=float, default=None)
+    sim.add_argument("--atol", type=float, default=None)
+    sim.add_argument("--step-size", type=float, default=None, help="step size for fixed-grid methods")
+    sim.add_argument("--t-end", type=float, default=20.0)
+    sim.add_argument("--points", type=int, default=41)
+    sim.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--output", "-o", default="flows-out/trajectory.npz", help="where to save the trajectory")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(run=_run_simulate)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("riemannian-flows")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, flows.FlowDivergedError) as exc:
+        print(f"flows {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
