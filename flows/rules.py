@@ -26,7 +26,12 @@ class GradientFlow:
         self.problem = problem
         self.metric = Euclidean() if metric is None else metric
 
+        # a metric that can produce G⁻¹∇L in one pass (the layerwise fused sweep) is asked for it directly
+        self._fused = getattr(self.metric, "natural_direction", None)
+
     def __call__(self, t: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return -self._fused(theta)
         return -self.metric.solve(theta, self.problem.grad(theta))
 
     def describe(self) -> dict:

@@ -20,3 +20,31 @@ def tanh_mlp(sizes, seed=0):
     from flows.data import mlp
 
     return mlp(sizes, seed=seed)
+
+
+def dense_gauss_newton(problem, theta, mu, loss_fn, idx=None):
+    """μI + Jᵀ (∇²_y L) J from autograd's dense Jacobian and Hessian — no factor formulas involved."""
+    from torch.autograd.functional import hessian, jacobian
+
+    x = problem.inputs if idx is None else problem.inputs[idx]
+    t = problem.targets if idx is None else problem.targets[idx]
+    y0 = problem.outputs(theta, x)
+    jac = jacobian(lambda th: problem.outputs(th, x).reshape(-1), theta)
+    m_out = hessian(lambda y: loss_fn(y.reshape(y0.shape), t), y0.reshape(-1))
+    return mu * torch.eye(theta.numel(), dtype=theta.dtype) + jac.T @ m_out @ jac
+
+
+def block_diagonal_part(matrix, slices):
+    """The dense matrix restricted to its diagonal blocks."""
+    out = torch.zeros_like(matrix)
+    for sl in slices:
+        out[sl, sl] = matrix[sl, sl]
+    return out
+
+
+def mse_loss(y, t):
+    return 0.5 * ((y - t) ** 2).sum() / y.shape[0]
+
+
+def ce_loss(y, t):
+    return torch.nn.functional.cross_entropy(y, t)

@@ -4,11 +4,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.autograd.functional import hessian, jacobian
 
 import flows
 from flows.metrics import Constant, Diagonal, Euclidean, NaturalGradient
-from tests.conftest import tanh_mlp
+from tests.conftest import ce_loss, dense_gauss_newton, mse_loss, tanh_mlp
 
 
 def _problem(sizes, b, loss, seed=0):
@@ -26,22 +25,7 @@ def _problem(sizes, b, loss, seed=0):
     return flows.Problem(model, loss, (x, y))
 
 
-def dense_gauss_newton(problem, theta, mu, loss_fn, idx=None):
-    """μI + Jᵀ (∇²_y L) J from autograd's dense Jacobian and Hessian — no factor formulas involved."""
-    x = problem.inputs if idx is None else problem.inputs[idx]
-    t = problem.targets if idx is None else problem.targets[idx]
-    y0 = problem.outputs(theta, x)
-    jac = jacobian(lambda th: problem.outputs(th, x).reshape(-1), theta)
-    m_out = hessian(lambda y: loss_fn(y.reshape(y0.shape), t), y0.reshape(-1))
-    return mu * torch.eye(theta.numel(), dtype=theta.dtype) + jac.T @ m_out @ jac
-
-
-def _mse(y, t):
-    return 0.5 * ((y - t) ** 2).sum() / y.shape[0]
-
-
-def _ce(y, t):
-    return torch.nn.functional.cross_entropy(y, t)
+_mse, _ce = mse_loss, ce_loss
 
 
 @pytest.mark.parametrize("loss,output,loss_fn", [("mse", "identity", _mse), ("cross_entropy", "fisher", _ce),
