@@ -5,7 +5,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import data, events, metrics, plot, rules
+from flows import data, events, metrics, modules, plot, rules
 from flows.errors import FlowDivergedError, NotEffectiveError
 from flows.problem import Block, Problem
 from flows.simulate import simulate
@@ -20,6 +20,7 @@ __all__ = [
     "data",
     "events",
     "metrics",
+    "modules",
     "plot",
     "rules",
     "simulate",

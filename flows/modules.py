@@ -258,7 +258,7 @@ class LinearOps(LeafOps):
         inputs = x @ x.T
         if self.has_bias:
             inputs = inputs + 1
-        return (flat @ flat.T) * inputs.repeat_interleave(r, 0).repeat_interleave(r, 1)
+        return ((flat @ flat.T).reshape(b, r, b, r) * inputs[:, None, :, None]).reshape(b * r, b * r)
 
     def k_mv(self, x, rows, g):
         g_w, g_b = self._split(g)

@@ -24,15 +24,18 @@ def _axes(ax: Axes | None, figsize=(6.0, 4.0)) -> tuple[Figure, Axes]:
 
 def loss_curves(trajectories: Mapping[str, Trajectory], *, ax: Axes | None = None,
                 x: str = "time") -> Figure:
-    """Loss against solver time (``x="time"``) or against field evaluations (``x="nfe"``, spread evenly),
-    log scale, one curve per labelled trajectory (ensembles: one faint curve per member)."""
+    """Loss against solver time (``x="time"``) or against vector-field evaluations (``x="nfe"``, from
+    ``stats["nfe_at_output"]``), log scale, one curve per labelled trajectory (ensembles: one faint curve per
+    member)."""
     fig, ax = _axes(ax)
     for label, traj in trajectories.items():
         if traj.loss is None:
             raise ValueError(f"trajectory {label!r} has no recorded loss (simulate with a problem)")
         xs = traj.t.cpu().numpy()
         if x == "nfe":
-            xs = xs / xs[-1] * traj.stats["nfe"] if xs[-1] != 0 else xs
+            if "nfe_at_output" not in traj.stats:
+                raise ValueError(f"trajectory {label!r} has no per-output evaluation counts (stats['nfe_at_output'])")
+            xs = traj.stats["nfe_at_output"]
         loss = traj.loss.cpu().numpy()
         if loss.ndim == 2:
             lines = ax.plot(xs, loss, alpha=0.35)

@@ -65,6 +65,7 @@ class _MonitoredField:
         self._t_out = [float(x) for x in t_out]
         self._next_out = 0
         self.record: list[tuple[float, torch.Tensor]] = []
+        self.nfe_at_output: list[int] = []  # evaluations spent before the solver passed each output time
         self.last: tuple[float, torch.Tensor] | None = None
         self._step_callbacks = "callback_step" in callbacks
         if self._step_callbacks:
@@ -89,6 +90,7 @@ class _MonitoredField:
         out = self._t_out
         while self._next_out < len(out) and (t - out[self._next_out]) * self._direction >= 0:
             self.record.append((t, y))
+            self.nfe_at_output.append(self.nfe)
             self._next_out += 1
 
     def __call__(self, t, y):
@@ -248,6 +250,8 @@ def simulate(
 
     stats = _stats(monitored, wall, callbacks)
     stats["stopped_by_event"] = stopped_by_event
+    counts = monitored.nfe_at_output[:len(times) - 1]
+    stats["nfe_at_output"] = counts + [monitored.nfe] * (len(times) - len(counts))
     metadata = _metadata(field, problem, solver, bound_event)
     traj = Trajectory(times.detach(), theta.detach(), stats=stats, metadata=metadata)
     if record and problem is not None:

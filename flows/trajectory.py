@@ -30,7 +30,8 @@ class Trajectory:
         loss: L(θ(t)), shape (T,) or (T, E); None when the field has no problem to evaluate.
         grad_norm: ‖∇L(θ(t))‖₂, same shape as ``loss``; None likewise.
         stats: solver counts — ``nfe`` (field evaluations), ``steps`` (attempted), ``accepted``,
-            ``rejected``, ``wall_time`` (s), ``stopped_by_event`` (bool), …
+            ``rejected``, ``wall_time`` (s), ``stopped_by_event`` (bool), ``nfe_at_output`` (evaluations
+            spent by each output time: counted when the solver's step first passes it; the last is ``nfe``).
         metadata: JSON-serialisable description — rule, metric, solver, tolerances, versions.
     """
 

@@ -102,6 +102,7 @@ def test_stats_count_every_field_evaluation():
     rk4 = flows.simulate(field, THETA0, torch.linspace(0, 1, 11, dtype=torch.float64), method="rk4",
                          progress=False)
     assert rk4.stats["nfe"] == 4 * 10 and rk4.stats["accepted"] == 10
+    assert rk4.stats["nfe_at_output"] == [4 * k for k in range(11)]  # four stages per step, counted as passed
 
 
 def test_ensemble_equals_member_by_member_solves():
