@@ -5,13 +5,15 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import data, events, metrics, modules, plot, rules
+from flows import action, contraction, data, events, metrics, modules, plot, rules
 from flows.errors import FlowDivergedError, NotEffectiveError
 from flows.problem import Block, Problem
 from flows.simulate import simulate
 from flows.trajectory import Trajectory
 
 __all__ = [
+    "action",
+    "contraction",
     "Block",
     "FlowDivergedError",
     "NotEffectiveError",

@@ -1,4 +1,4 @@
-"""The ``flows`` command: ``flows demo`` (the main job) and ``flows simulate``.
+"""The ``flows`` command: ``flows demo`` (the main job), ``flows compare`` and ``flows simulate``.
 
 Run ``flows --help`` or ``flows SUBCOMMAND --help`` for the flags.
 """
@@ -16,7 +16,7 @@ import torch
 import flows
 from flows._io import write_text
 
-METRICS = ("euclidean", "natural")
+METRICS = ("euclidean", "natural", "layerwise", "kfac")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -28,11 +28,16 @@ def digits_problem(hidden: list[int], *, samples: int | None = None, seed: int =
     return flows.Problem(model, "cross_entropy", (x, y), dtype=dtype)
 
 
-def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: int | None):
+def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: int | None, seed: int = 0):
+    """The metric called ``name`` on the command line (μ is the damping of the curvature metrics)."""
     if name == "euclidean":
         return flows.metrics.Euclidean()
     if name == "natural":
-        return flows.metrics.NaturalGradient(problem, mu=mu, metric_batch=metric_batch)
+        return flows.metrics.NaturalGradient(problem, mu=mu, metric_batch=metric_batch, seed=seed)
+    if name == "layerwise":
+        return flows.metrics.Layerwise(problem, mu=mu, metric_batch=metric_batch, seed=seed)
+    if name == "kfac":
+        return flows.metrics.KFAC(problem, damping=mu, metric_batch=metric_batch, seed=seed)
     raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
 
 
@@ -100,7 +105,7 @@ def _run_demo(args) -> int:
 def _run_simulate(args) -> int:
     dtype = DTYPES[args.dtype]
     problem = digits_problem(args.hidden, samples=args.samples, seed=args.seed, dtype=dtype)
-    metric = make_metric(args.metric, problem, mu=args.mu, metric_batch=args.metric_batch)
+    metric = make_metric(args.metric, problem, mu=args.mu, metric_batch=args.metric_batch, seed=args.seed)
     options = {"step_size": args.step_size} if args.step_size else None
     t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
     start = time.perf_counter()
@@ -109,6 +114,40 @@ def _run_simulate(args) -> int:
     path = traj.save(args.output)
     print(format_table([summarize(args.metric, problem, traj)]))
     print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def compare_rules(problem: flows.Problem, *, mu: float, metric_batch: int, seed: int = 0) -> dict:
+    """The rules ``flows compare`` simulates: gradient flows under each metric of the library."""
+    return {
+        "gradient flow (Euclidean)": flows.metrics.Euclidean(),
+        f"layerwise (μ={mu:g})": flows.metrics.Layerwise(problem, mu=mu, metric_batch=metric_batch, seed=seed),
+        f"natural gradient (μ={mu:g})": flows.metrics.NaturalGradient(problem, mu=mu, metric_batch=metric_batch // 2,
+                                                                     seed=seed),
+        f"K-FAC (γ={mu:g})": flows.metrics.KFAC(problem, damping=mu, metric_batch=metric_batch, seed=seed),
+    }
+
+
+def _run_compare(args) -> int:
+    out = Path(args.out)
+    problem = digits_problem(args.hidden, samples=args.samples, seed=args.seed)
+    reference = make_metric(args.reference, problem, mu=args.mu, metric_batch=args.metric_batch, seed=args.seed)
+    t = torch.linspace(0.0, args.t_end, args.points, dtype=torch.float64)
+    print(f"flows compare: {problem}; action measured in the {reference!r} metric; t ∈ [0, {args.t_end:g}]",
+          flush=True)
+    runs = {}
+    for label, metric in compare_rules(problem, mu=args.mu, metric_batch=args.metric_batch, seed=args.seed).items():
+        print(f"  simulating {label} …", flush=True)
+        runs[label] = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t, rtol=args.rtol,
+                                     atol=args.atol, action=reference, progress=not args.quiet)
+    rows = flows.action.compare(runs, level=args.level)
+    table = flows.action.markdown(rows, level=args.level)
+    write_text(out / "compare.md", table + "\n")
+    write_text(out / "compare.json", json.dumps({"problem": repr(problem), "reference": reference.describe(),
+                                                 "level": args.level, "rows": rows}, indent=2) + "\n")
+    print()
+    print(table)
+    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.json'}")
     return 0
 
 
@@ -140,13 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_run_demo)
 
+    cmp = sub.add_parser("compare", help="compare learning rules by their action on the digits MLP",
+                         description="Simulate several rules from one θ₀ on the bundled digits MLP, measure "
+                                     "each one's action, gap and length in a reference metric, and print and "
+                                     "save the table (compare.md, compare.json).")
+    cmp.add_argument("--out", default="flows-out", help="output folder (default: %(default)s)")
+    cmp.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
+    cmp.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
+    cmp.add_argument("--reference", choices=METRICS, default="euclidean",
+                     help="the metric G in which the action is measured (default: %(default)s)")
+    cmp.add_argument("--t-end", type=float, default=10.0)
+    cmp.add_argument("--points", type=int, default=41)
+    cmp.add_argument("--level", type=float, default=0.5, help="loss level for the time-to-reach column")
+    cmp.add_argument("--mu", type=float, default=1e-2, help="damping of the curvature metrics")
+    cmp.add_argument("--metric-batch", type=int, default=64, help="samples in the curvature metrics")
+    cmp.add_argument("--rtol", type=float, default=1e-6)
+    cmp.add_argument("--atol", type=float, default=1e-8)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(run=_run_compare)
+
     sim = sub.add_parser("simulate", help="one gradient flow of an MLP on digits, saved as .npz",
                          description="Simulate one gradient flow of a tanh MLP on the bundled digits data.")
     sim.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
     sim.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
     sim.add_argument("--metric", choices=METRICS, default="euclidean")
-    sim.add_argument("--mu", type=float, default=1e-2, help="damping μ of the natural-gradient metric")
-    sim.add_argument("--metric-batch", type=int, default=32, help="samples in the natural-gradient metric")
+    sim.add_argument("--mu", type=float, default=1e-2, help="damping μ (γ for K-FAC) of the curvature metrics")
+    sim.add_argument("--metric-batch", type=int, default=32, help="samples in the curvature metrics")
     sim.add_argument("--method", default="dopri5", help="any torchdiffeq method (default: %(default)s)")
     sim.add_argument("--rtol", type=float, default=None)
     sim.add_argument("--atol", type=float, default=None)

@@ -46,27 +46,39 @@ def mlp(sizes: list[int] | tuple[int, ...], *, activation: type[nn.Module] = nn.
         torch.random.set_rng_state(gen_state)
 
 
-class QuadraticModel(nn.Module):
-    """y = R θ for one dummy input, with RᵀR = A: under the "mse" loss with target 0, L(θ) = ½ θᵀAθ."""
+class ParameterModel(nn.Module):
+    """A "model" whose output is its own parameter vector θ (one row per input): turns any loss of θ into a
+    :class:`flows.Problem`."""
 
-    def __init__(self, A: torch.Tensor, theta0: torch.Tensor):
+    def __init__(self, theta0):
         super().__init__()
-        A = torch.as_tensor(A, dtype=torch.float64)
-        self.register_buffer("R", torch.linalg.cholesky(A).T.contiguous())
-        self.theta = nn.Parameter(torch.as_tensor(theta0, dtype=A.dtype).clone())
+        self.theta = nn.Parameter(torch.as_tensor(theta0, dtype=torch.float64).reshape(-1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.R @ self.theta).expand(x.shape[0], -1)
+        return self.theta.expand(x.shape[0], -1)
+
+
+def function_problem(loss_of_theta, theta0, *, name: str | None = None, dtype=torch.float64):
+    """The problem L(θ) = ``loss_of_theta(θ)`` for any differentiable function of a flat vector (2-D loss
+    landscapes, synthetic test functions). ``loss_of_theta`` must be written with torch operations."""
+    from flows.problem import Problem
+
+    def loss(output, target):
+        return loss_of_theta(output[0])
+
+    loss.__name__ = name or getattr(loss_of_theta, "__name__", "function")
+    theta0 = torch.as_tensor(theta0, dtype=torch.float64).reshape(-1)
+    return Problem(ParameterModel(theta0), loss, (torch.zeros(1, 1), torch.zeros(1, 1)), dtype=dtype)
 
 
 def quadratic(A, theta0, *, dtype=torch.float64):
-    """The problem L(θ) = ½ θᵀAθ (A SPD), whose gradient flows have closed forms (MATH.md §1).
+    """The problem L(θ) = ½ θᵀAθ (A symmetric), whose gradient flows have closed forms (MATH.md §1).
 
     Under a constant metric M the flow is θ(t) = exp(−M⁻¹A t) θ₀.
     """
-    from flows.problem import Problem
-
     A = torch.as_tensor(A, dtype=torch.float64)
-    model = QuadraticModel(A, theta0)
-    n = A.shape[0]
-    return Problem(model, "mse", (torch.zeros(1, 1), torch.zeros(1, n)), dtype=dtype)
+
+    def quadratic_loss(theta):
+        return 0.5 * theta @ A.to(theta) @ theta
+
+    return function_problem(quadratic_loss, theta0, dtype=dtype)

@@ -18,8 +18,9 @@ import torch
 from torchdiffeq import odeint, odeint_event
 from tqdm.auto import tqdm
 
+from flows.action import ACTION_TERMS, AugmentedField
 from flows.errors import FlowDivergedError
-from flows.events import as_event
+from flows.events import Event, as_event
 from flows.trajectory import Trajectory
 
 try:  # the solver table of the installed torchdiffeq release, to list valid methods in errors
@@ -181,6 +182,7 @@ def simulate(
     progress: bool = True,
     problem=None,
     record: bool = True,
+    action=None,
 ) -> Trajectory:
     """Integrate θ̇ = field(t, θ) from θ(t[0]) = theta0 and report θ at the times ``t``.
 
@@ -199,6 +201,10 @@ def simulate(
         problem: the :class:`flows.Problem` for recording loss and gradient norm; defaults to
             ``field.problem`` when the field has one.
         record: evaluate the loss and ‖∇L‖ at the output times (one gradient per output time).
+        action: a reference metric G: integrate the action terms of MATH.md §3 (kinetic, potential, gap,
+            length) as four extra state components inside the same solve, under the solver's error control;
+            they land in ``traj.action`` (see :func:`flows.action.action`). Costs one gradient, one solve and two
+            metric products per evaluation on top of the field.
 
     Returns:
         a :class:`flows.Trajectory`.
@@ -217,11 +223,22 @@ def simulate(
     if bound_event is not None and bound_event.needs_problem:
         bound_event = bound_event.bind(problem)
 
+    n = theta0.shape[-1]
+    run_field, state0 = field, theta0.detach()
+    if action is not None:
+        if problem is None:
+            raise ValueError("action= needs the problem for ∇L: pass problem= or a field with .problem")
+        run_field = AugmentedField(field, problem, action)
+        state0 = torch.cat([state0, state0.new_zeros(*state0.shape[:-1], len(ACTION_TERMS))], dim=-1)
+        if bound_event is not None:
+            inner_event = bound_event
+            bound_event = Event(lambda tt, y: inner_event(tt, y[..., :n]), name=inner_event.describe())
+
     callbacks = _SOLVERS[method].valid_callbacks() if _SOLVERS is not None else set()
     span = abs(float(t[-1] - t[0]))
     pbar = tqdm(total=span, disable=None if progress else True, desc="simulate", unit="t",
                 bar_format="{l_bar}{bar}| t={n:.3g}/{total:.3g} [{elapsed}<{remaining}]", leave=False)
-    monitored = _MonitoredField(field, t, None if pbar.disable else pbar, callbacks)
+    monitored = _MonitoredField(run_field, t, None if pbar.disable else pbar, callbacks)
     solver = {"method": method, "rtol": rtol, "atol": atol}
     if options is not None:
         solver["options"] = options
@@ -230,11 +247,10 @@ def simulate(
     stopped_by_event = False
     try:
         if bound_event is None:
-            theta = odeint(monitored, theta0.detach(), t, options=options, **solver_args(solver))
+            states = odeint(monitored, state0, t, options=options, **solver_args(solver))
             times = t
         else:
-            times, theta, stopped_by_event = _solve_with_event(monitored, theta0.detach(), t, bound_event,
-                                                               solver)
+            times, states, stopped_by_event = _solve_with_event(monitored, state0, t, bound_event, solver)
     except _NonFinite as bad:
         raise _diverged(monitored, bad, theta0, field, problem, record, solver) from None
     except AssertionError as exc:  # torchdiffeq's way of reporting a step size that underflowed
@@ -253,7 +269,10 @@ def simulate(
     counts = monitored.nfe_at_output[:len(times) - 1]
     stats["nfe_at_output"] = counts + [monitored.nfe] * (len(times) - len(counts))
     metadata = _metadata(field, problem, solver, bound_event)
-    traj = Trajectory(times.detach(), theta.detach(), stats=stats, metadata=metadata)
+    traj = Trajectory(times.detach(), states[..., :n].detach(), stats=stats, metadata=metadata)
+    if action is not None:
+        traj.action = states[..., n:].detach()
+        metadata["action_metric"] = _describe(action)
     if record and problem is not None:
         traj.loss, traj.grad_norm = measure(problem, traj.theta)
     return traj
@@ -345,7 +364,7 @@ def _diverged(monitored, bad: _NonFinite, theta0, field, problem, record, solver
         kept = [(float(bad.t), theta0)]
     dtype, device = theta0.dtype, theta0.device
     times = torch.tensor([k[0] for k in kept], dtype=dtype, device=device)
-    states = torch.stack([k[1].detach() for k in kept])
+    states = torch.stack([k[1].detach() for k in kept])[..., :theta0.shape[-1]]  # drop action accumulators
     stats = _stats(monitored, float("nan"), monitored.callbacks)
     stats["diverged_at"] = bad.t
     traj = Trajectory(times, states, stats=stats, metadata=_metadata(field, problem, solver, None))

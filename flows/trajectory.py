@@ -17,7 +17,7 @@ import torch
 
 from flows._io import atomic_path
 
-_ARRAYS = ("t", "theta", "loss", "grad_norm")
+_ARRAYS = ("t", "theta", "loss", "grad_norm", "action")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class Trajectory:
             ``rejected``, ``wall_time`` (s), ``stopped_by_event`` (bool), ``nfe_at_output`` (evaluations
             spent by each output time: counted when the solver's step first passes it; the last is ``nfe``).
         metadata: JSON-serialisable description — rule, metric, solver, tolerances, versions.
+        action: with ``simulate(..., action=G)``, the running integrals (T, [E,] 4) of ½θ̇ᵀGθ̇, ½∇LᵀG⁻¹∇L,
+            ½‖θ̇ + G⁻¹∇L‖²_G and ‖θ̇‖_G accumulated inside the solve (see :mod:`flows.action`).
     """
 
     t: torch.Tensor
@@ -41,6 +43,7 @@ class Trajectory:
     grad_norm: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    action: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -62,7 +65,7 @@ class Trajectory:
             return None if a is None else a[:, i]
 
         return Trajectory(self.t, self.theta[:, i], pick(self.loss), pick(self.grad_norm),
-                          dict(self.stats), {**self.metadata, "member": i})
+                          dict(self.stats), {**self.metadata, "member": i}, pick(self.action))
 
     def __repr__(self) -> str:
         shape = "×".join(str(s) for s in self.theta.shape)

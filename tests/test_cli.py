@@ -53,3 +53,19 @@ def test_simulate_command_reports_bad_values(tmp_path, capsys):
     code = main(["simulate", "--method", "rk5", "--output", str(tmp_path / "x.npz"), "--quiet"])
     assert code == 1
     assert "unknown method 'rk5'" in capsys.readouterr().err
+
+
+def test_compare_command_ranks_rules_by_their_gap(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--out", str(out), "--hidden", "6", "--samples", "60", "--t-end", "1", "--points", "5",
+                 "--metric-batch", "8", "--quiet"])
+    assert code == 0
+    data = json.loads((out / "compare.json").read_text())
+    rows = {r["rule"]: r for r in data["rows"]}
+    euclid = rows["gradient flow (Euclidean)"]
+    # in the Euclidean reference metric the Euclidean gradient flow attains the bound; the others do not
+    assert euclid["gap"] <= 1e-6 * euclid["loss_drop"]
+    assert all(r["gap"] > 1e-4 for name, r in rows.items() if name != "gradient flow (Euclidean)")
+    assert (out / "compare.md").read_text().startswith("| rule |")
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in rows)
