@@ -115,13 +115,18 @@ class Function(nn.Module):
 
     ``fn`` receives a batch x of shape (B, in) and w of shape (n,) and must treat samples independently.
     Stages of a physical or biological cascade, not only network layers, are modules this way.
+    ``retract(w, dw)`` names the parameter manifold by its retraction (default: Euclidean, w + dw); it is
+    used by discrete-time updates through :func:`retraction`.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w0, name: str | None = None):
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w0, name: str | None = None,
+                 retract: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.fn = fn
         self.w = nn.Parameter(torch.as_tensor(w0, dtype=torch.float64).reshape(-1).clone())
         self.name = name or getattr(fn, "__name__", "function")
+        if retract is not None:
+            self.retract = retract
 
     def forward(self, x):
         return self.fn(x, self.w)
@@ -131,8 +136,39 @@ class Function(nn.Module):
 
 
 def retract(w: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """The Euclidean retraction w + dw, the parameter manifold of every module here."""
+    """The Euclidean retraction w + dw: the parameter manifold of a module that names no other."""
     return w + dw
+
+
+def sphere_retract(w: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """Retraction onto the sphere of radius ‖w‖: (w + dw) rescaled to ‖w‖ (for unit-norm parameters)."""
+    step = w + dw
+    return step * (torch.linalg.vector_norm(w) / torch.linalg.vector_norm(step))
+
+
+def retraction(problem) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """θ, Δθ ↦ θ' applying every module's own ``retract`` to its slice of θ (Euclidean where a module has none).
+
+    For discrete-time updates on parameter manifolds; continuous-time flows stay in the ambient space.
+    """
+    offsets, start = {}, 0
+    for name, numel in zip(problem._names, problem._numels):
+        offsets[name] = (start, start + numel)
+        start += numel
+    pieces = []
+    for prefix, module in problem.model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if own and hasattr(module, "retract"):
+            names = [f"{prefix}.{n}" if prefix else n for n in own]
+            pieces.append((slice(offsets[names[0]][0], offsets[names[-1]][1]), module.retract))
+
+    def apply(theta: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        out = theta + step
+        for sl, fn in pieces:
+            out[..., sl] = fn(theta[..., sl], step[..., sl])
+        return out
+
+    return apply
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -39,3 +39,170 @@ class GradientFlow:
 
     def __repr__(self) -> str:
         return f"GradientFlow({self.problem!r}, {self.metric!r})"
+
+
+def _chain_leaves(problem, rule: str):
+    """The leaves of a plain chain of Linear and elementwise activation modules (what FA and DFA need)."""
+    from flows.modules import ActivationOps, LinearOps, _Seq, leaves, structure
+
+    tree = structure(problem.model)
+    found = leaves(tree)
+    if not isinstance(tree, _Seq) or not all(isinstance(leaf, LinearOps | ActivationOps) for leaf in found):
+        kinds = sorted({type(leaf.module).__name__ for leaf in found})
+        raise ValueError(f"{rule} needs a chain of Linear and activation layers; this model has {kinds}")
+    return tree, found
+
+
+def _uniform(shape, fan_in, generator, like):
+    """U(−1/√fan_in, 1/√fan_in): the scale torch gives Linear weights, so feedback matches the forward scale."""
+    return ((torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1) / fan_in**0.5).to(like.device)
+
+
+class FeedbackAlignment:
+    """Feedback alignment (Lillicrap et al. 2016): backprop with each Linear layer's Wᵀ in the backward pass
+    replaced by a fixed random matrix, θ̇ = −ĝ(θ).
+
+    The costate is swept backward with λ_{a−1} = F_aᵀλ_a in place of W_aᵀλ_a, through fixed feedback matrices
+    F_a (the shape of W_a, drawn with ``seed`` at torch's Linear scale, or given in ``feedback`` by module name);
+    each layer updates from its own inputs, ĝ_a = λ_a x_{a−1}ᵀ. With F_a = W_a it is exactly backprop. Cost: one
+    forward and one backward sweep.
+    """
+
+    def __init__(self, problem: Problem, seed: int = 0, feedback: dict | None = None):
+        from flows.modules import LinearOps
+
+        self.problem = problem
+        self.tree, self.leaves = _chain_leaves(problem, "FeedbackAlignment")
+        gen = torch.Generator().manual_seed(seed)
+        self.feedback = {}
+        for leaf in self.leaves:
+            if isinstance(leaf, LinearOps):
+                given = (feedback or {}).get(leaf.prefix)
+                shape = (leaf.out_features, leaf.in_features)
+                matrix = _uniform(shape, leaf.in_features, gen, problem.theta0) if given is None else torch.as_tensor(
+                    given, dtype=problem.dtype, device=problem.device)
+                if matrix.shape != shape:
+                    raise ValueError(f"feedback for {leaf.prefix!r} must have shape {shape}, got {tuple(matrix.shape)}")
+                self.feedback[leaf.prefix] = matrix
+        self.seed = seed
+
+    def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
+        """ĝ(θ): the update direction's negative (equal to ∇L when the feedback equals the weights)."""
+        from flows.metrics._base import batched
+        from flows.modules import LinearOps, _forward
+
+        def one(th):
+            params = self.problem.unflatten(th)
+            trace: dict = {}
+            y = _forward(self.tree, self.problem.inputs, params, trace)
+            lam = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
+            lam = lam.reshape(lam.shape[0], -1)
+            grads = []
+            for leaf in reversed(self.leaves):
+                x, p = trace[id(leaf)], leaf.params(params)
+                if isinstance(leaf, LinearOps):
+                    grads.append(leaf.vjp_param(x, p, lam))
+                    lam = lam @ self.feedback[leaf.prefix]
+                else:
+                    lam = leaf.vjp_input(x, p, lam[:, None])[:, 0]
+            return torch.cat(grads[::-1])
+
+        return batched(one, theta)
+
+    def __call__(self, t, theta):
+        return -self.pseudo_gradient(theta)
+
+    def describe(self) -> dict:
+        return {"name": "FeedbackAlignment", "seed": self.seed}
+
+
+class DirectFeedbackAlignment(FeedbackAlignment):
+    """Direct feedback alignment (Nøkland 2016): the output error e = ∂L/∂y reaches every hidden Linear layer a
+    through its own fixed random matrix D_a (C × width_a): δ_a = (e D_a) ⊙ σ'(z_a), ĝ_a = δ_a x_{a−1}ᵀ.
+
+    For a network with one hidden layer, D = W_out reproduces backprop exactly.
+    """
+
+    def __init__(self, problem: Problem, seed: int = 0, feedback: dict | None = None):
+        from flows.modules import ActivationOps, LinearOps
+
+        self.problem = problem
+        self.tree, self.leaves = _chain_leaves(problem, "DirectFeedbackAlignment")
+        linear = [leaf for leaf in self.leaves if isinstance(leaf, LinearOps)]
+        outputs = linear[-1].out_features
+        gen = torch.Generator().manual_seed(seed)
+        self.feedback = {}
+        for leaf in linear[:-1]:
+            after = self.leaves[self.leaves.index(leaf) + 1]
+            if not isinstance(after, ActivationOps):
+                raise ValueError(f"DirectFeedbackAlignment needs an activation after hidden layer {leaf.prefix!r}")
+            given = (feedback or {}).get(leaf.prefix)
+            shape = (outputs, leaf.out_features)
+            matrix = _uniform(shape, outputs, gen, problem.theta0) if given is None else torch.as_tensor(
+                given, dtype=problem.dtype, device=problem.device)
+            if matrix.shape != shape:
+                raise ValueError(f"feedback for {leaf.prefix!r} must have shape {shape}, got {tuple(matrix.shape)}")
+            self.feedback[leaf.prefix] = matrix
+        self.seed = seed
+
+    def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
+        from flows.metrics._base import batched
+        from flows.modules import LinearOps, _forward
+
+        def one(th):
+            params = self.problem.unflatten(th)
+            trace: dict = {}
+            y = _forward(self.tree, self.problem.inputs, params, trace)
+            error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
+            error = error.reshape(error.shape[0], -1)
+            grads = []
+            for i, leaf in enumerate(self.leaves):
+                if not isinstance(leaf, LinearOps):
+                    continue
+                x, p = trace[id(leaf)], leaf.params(params)
+                if leaf.prefix in self.feedback:
+                    activation = self.leaves[i + 1]
+                    z = trace[id(activation)]  # the activation's input is this layer's output
+                    delta = (error @ self.feedback[leaf.prefix]) * activation.derivative(z)
+                else:
+                    delta = error
+                grads.append(leaf.vjp_param(x, p, delta))
+            return torch.cat(grads)
+
+        return batched(one, theta)
+
+    def describe(self) -> dict:
+        return {"name": "DirectFeedbackAlignment", "seed": self.seed}
+
+
+class LinearSystem:
+    """ẋ = A x for a stable A, with the Lyapunov loss L(x) = xᵀPx, AᵀP + PA = −Q (MATH.md §4 worked case).
+
+    Along the flow dL/dt = −xᵀQx < 0, so the rule is effective with yᵀv = xᵀQx, and natural gradient descent
+    for some metric; a constant metric exists only when −2PA⁻¹ is symmetric. ``problem`` is the Lyapunov loss.
+    """
+
+    def __init__(self, A, Q=None, x0=None):
+        import scipy.linalg
+
+        from flows.data import function_problem
+
+        self.A = torch.as_tensor(A, dtype=torch.float64)
+        n = self.A.shape[0]
+        self.Q = torch.eye(n, dtype=torch.float64) if Q is None else torch.as_tensor(Q, dtype=torch.float64)
+        eig = torch.linalg.eigvals(self.A).real.max()
+        if not eig < 0:
+            raise ValueError(f"A must be stable (all eigenvalues in the left half-plane); max Re λ = {float(eig):.3g}")
+        self.P = torch.as_tensor(scipy.linalg.solve_continuous_lyapunov(self.A.T.numpy(), -self.Q.numpy()))
+        P = self.P
+
+        def lyapunov(x):
+            return x @ P.to(x) @ x
+
+        self.problem = function_problem(lyapunov, torch.ones(n) if x0 is None else x0)
+
+    def __call__(self, t, x):
+        return x @ self.A.to(x).T
+
+    def describe(self) -> dict:
+        return {"name": "LinearSystem", "n": self.A.shape[0]}

@@ -209,3 +209,18 @@ def test_block_diagonal_reference_and_kfac():
     single = flows.Problem(problem.model, "cross_entropy", (problem.inputs[:1], problem.targets[:1]))
     exact = BlockDiagonal(single, mu=1e-20).matrix(single.theta0)
     assert torch.allclose(KFAC(single, damping=1e-20).matrix(single.theta0), exact, atol=1e-8)
+
+
+def test_module_retraction_keeps_a_sphere_parameter_on_its_manifold():
+    from flows.modules import retraction, sphere_retract
+
+    def rotate(x, w):  # a unit vector w parameterises a projection stage
+        return (x @ w)[:, None] * w[None, :]
+
+    w0 = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    model = Chain(Function(rotate, w0, retract=sphere_retract), Linear(2, 1))
+    problem = flows.Problem(model, "mse", _data(5, 2, 1, False))
+    step = -0.3 * problem.grad(problem.theta0)
+    moved = retraction(problem)(problem.theta0, step)
+    assert float(moved[:2].norm()) == pytest.approx(1.0, rel=1e-14)  # the sphere block stays on the sphere
+    assert torch.equal(moved[2:], problem.theta0[2:] + step[2:])  # the Linear block moves in flat space

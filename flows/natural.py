@@ -1,0 +1,181 @@
+"""Every effective learning rule is natural gradient descent (Shoji, Suzuki & Kozachkov 2024; MATH.md §4).
+
+A rule θ̇ = v is effective where it decreases the loss: yᵀv > 0 with y = −∇L. Then SPD metrics M with Mv = y
+exist, so v = −M⁻¹∇L. Their canonical form is
+
+    M = y yᵀ/(yᵀv) + Σ_{i=1}^{N−1} u_i u_iᵀ,      u_i linearly independent, u_i ⊥ v,
+
+the one-parameter family M(λ) = y yᵀ/(yᵀv) + λ(I − v̂v̂ᵀ), and the member of smallest condition number, at
+λ* = ‖y‖²/(yᵀv),
+
+    M_opt = (‖y‖²/(yᵀv)) (I + ŷŷᵀ − v̂v̂ᵀ),     κ(M_opt) = (1 + sin ψ)/(1 − sin ψ) = tan²(π/4 + ψ/2),
+
+with ψ the angle between v and y. M_opt is a scaled identity plus a rank-2 term, so it is applied and inverted
+in O(N) time and memory. Angles are in radians throughout the API (messages also give degrees).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flows.errors import NotEffectiveError
+from flows.metrics._base import Metric
+
+
+def angle(update: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """ψ = arccos(yᵀv/(‖y‖‖v‖)) between the update v and y = −∇L, in radians, over the last dimension."""
+    y = -grad
+    cos = (y * update).sum(-1) / (torch.linalg.vector_norm(y, dim=-1) * torch.linalg.vector_norm(update, dim=-1))
+    return torch.arccos(cos.clamp(-1.0, 1.0))
+
+
+def kappa_min(psi) -> torch.Tensor | float:
+    """The smallest condition number of a metric that turns an update at angle ψ (radians) into natural
+    gradient descent: (1 + sin ψ)/(1 − sin ψ)."""
+    if torch.is_tensor(psi):
+        return (1 + torch.sin(psi)) / (1 - torch.sin(psi))
+    return (1 + math.sin(psi)) / (1 - math.sin(psi))
+
+
+def _check_effective(update, grad, t=None):
+    y = -grad
+    inner = float((y * update).sum())
+    if not inner > 0:
+        psi = float(angle(update, grad))
+        when = "" if t is None else f" at t={t:.6g}"
+        raise NotEffectiveError(
+            f"the update does not decrease the loss{when}: yᵀv = {inner:.3g} ≤ 0 (angle to −∇L "
+            f"{math.degrees(psi):.2f}° ≥ 90°), so no metric makes it natural gradient descent",
+            t=t, angle=math.degrees(psi))
+    return y, inner
+
+
+class LowRankMetric(Metric):
+    """M = s·I + U S Uᵀ with U of shape (N, k), k ≪ N (here k ≤ 2), S symmetric (k × k).
+
+    ``apply`` costs O(Nk); ``solve`` uses the Woodbury identity M⁻¹ = (1/s)[I − U(sS⁻¹ + UᵀU)⁻¹Uᵀ], O(Nk + k³);
+    ``eigenvalues`` come from a k × k problem in span(U) plus s with multiplicity N − k. No N × N matrix is formed
+    unless ``matrix`` is called. The metric is constant in θ (``theta`` arguments are ignored).
+    """
+
+    def __init__(self, scale: float | torch.Tensor, U: torch.Tensor, S: torch.Tensor):
+        self.scale = scale
+        self.U = U
+        self.S = S
+
+    def apply(self, theta, v):
+        return self.scale * v + ((v @ self.U) @ self.S) @ self.U.T
+
+    def solve(self, theta, v):
+        inner = self.scale * torch.linalg.inv(self.S) + self.U.T @ self.U
+        coeff = torch.linalg.solve(inner, (v @ self.U)[..., None])[..., 0]
+        return (v - coeff @ self.U.T) / self.scale
+
+    def matrix(self, theta=None):
+        n = self.U.shape[0]
+        return self.scale * torch.eye(n, dtype=self.U.dtype, device=self.U.device) + self.U @ self.S @ self.U.T
+
+    def span_eigenvalues(self) -> torch.Tensor:
+        """The k eigenvalues on span(U) (the other N − k all equal the scale). Cost O(Nk²)."""
+        _, r = torch.linalg.qr(self.U)
+        k = r.shape[0]
+        return torch.linalg.eigvalsh(self.scale * torch.eye(k, dtype=r.dtype, device=r.device) + r @ self.S @ r.T)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """All N eigenvalues, ascending (N − k of them equal to the scale). Memory O(N)."""
+        span = self.span_eigenvalues()
+        rest = torch.full((self.U.shape[0] - span.numel(),), float(self.scale), dtype=span.dtype, device=span.device)
+        return torch.sort(torch.cat([span, rest])).values
+
+    def condition(self) -> float:
+        """λ_max/λ_min, from the k span eigenvalues and the scale. Cost O(Nk²), no N-vector of eigenvalues."""
+        span = self.span_eigenvalues()
+        values = torch.cat([span, span.new_tensor([float(self.scale)])]) if self.U.shape[0] > span.numel() else span
+        return float(values.max() / values.min())
+
+    def describe(self):
+        return {"name": "LowRankMetric", "scale": float(self.scale), "rank": int(self.U.shape[1])}
+
+
+def metric_family(update: torch.Tensor, grad: torch.Tensor, lam: float) -> LowRankMetric:
+    """M(λ) = y yᵀ/(yᵀv) + λ(I − v̂v̂ᵀ): SPD for every λ > 0 and M(λ)v = y."""
+    y, inner = _check_effective(update, grad)
+    if not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    v_hat = update / torch.linalg.vector_norm(update)
+    U = torch.stack([y, v_hat], dim=1)
+    S = torch.diag(torch.tensor([1.0 / inner, -lam], dtype=y.dtype, device=y.device))
+    return LowRankMetric(float(lam), U, S)
+
+
+def min_condition_metric(update: torch.Tensor, grad: torch.Tensor) -> LowRankMetric:
+    """M_opt = (‖y‖²/(yᵀv))(I + ŷŷᵀ − v̂v̂ᵀ), the admissible metric of least condition number. O(N).
+
+    Raises NotEffectiveError when yᵀv ≤ 0 (ψ ≥ 90°).
+    """
+    y, inner = _check_effective(update, grad)
+    return metric_family(update, grad, float((y * y).sum()) / inner)
+
+
+def canonical_metric(update: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense canonical metric y yᵀ/(yᵀv) + Σ u_i u_iᵀ (small N).
+
+    ``basis``: N − 1 rows u_i orthogonal to v (default: an orthonormal basis of v⊥). Rows not orthogonal to v
+    raise ValueError, since Mv = y needs u_i ⊥ v.
+    """
+    y, inner = _check_effective(update, grad)
+    n = update.numel()
+    v_hat = update / torch.linalg.vector_norm(update)
+    if basis is None:
+        q = torch.linalg.qr(torch.cat([v_hat[:, None], torch.eye(n, dtype=y.dtype)[:, : n - 1]], dim=1))[0]
+        basis = q[:, 1:].T
+    basis = torch.as_tensor(basis, dtype=y.dtype)
+    if basis.shape != (n - 1, n):
+        raise ValueError(f"basis must hold N − 1 = {n - 1} rows of length {n}, got shape {tuple(basis.shape)}")
+    leak = float((basis @ v_hat).abs().max())
+    if leak > 1e-10 * float(basis.abs().max()):
+        raise ValueError(f"basis rows must be orthogonal to the update; largest |u_i·v̂| = {leak:.3g}")
+    return torch.outer(y, y) / inner + basis.T @ basis
+
+
+@dataclass
+class Recovery:
+    """Along a trajectory: the angle ψ(t) (radians), κ_min(t), and the residual ‖v + M_opt⁻¹∇L‖/‖v‖ that checks
+    the recovered metric reproduces the rule."""
+
+    t: torch.Tensor
+    psi: torch.Tensor
+    kappa: torch.Tensor
+    residual: torch.Tensor
+
+
+def recover(field, problem, traj) -> Recovery:
+    """Recover M_opt at every output time of ``traj`` for the rule ``field``: one field evaluation and one
+    gradient per time. Raises NotEffectiveError (with the time and the angle) where the rule is not effective."""
+    psis, kappas, residuals = [], [], []
+    for ti, theta in zip(traj.t, traj.theta):
+        v = field(ti, theta)
+        g = problem.grad(theta)
+        _check_effective(v, g, float(ti))
+        metric = min_condition_metric(v, g)
+        psi = angle(v, g)
+        psis.append(psi)
+        kappas.append(kappa_min(psi))
+        residuals.append(torch.linalg.vector_norm(v + metric.solve(theta, g)) / torch.linalg.vector_norm(v))
+    return Recovery(traj.t, torch.stack(psis), torch.stack(kappas), torch.stack(residuals))
+
+
+def averaged_gradient(problem, theta: torch.Tensor, step: torch.Tensor, nodes: int = 4) -> torch.Tensor:
+    """ḡ = ∫₀¹ ∇L(θ + sΔθ) ds by Gauss–Legendre with ``nodes`` points (exact for polynomial losses of degree
+    ≤ 2·nodes), so that L(θ + Δθ) − L(θ) = ḡᵀΔθ."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    return sum(float(wj) / 2 * problem.grad(theta + float((xj + 1) / 2) * step) for xj, wj in zip(x, w))
+
+
+def discrete_metric(problem, theta: torch.Tensor, step: torch.Tensor, nodes: int = 4) -> LowRankMetric:
+    """The metric M_k with Δθ_k = −M_k⁻¹ḡ_k for a discrete update that lowers the loss (MATH.md §4)."""
+    return min_condition_metric(step, averaged_gradient(problem, theta, step, nodes))
