@@ -58,19 +58,23 @@ class ActionIntegrand:
 
 
 class AugmentedField:
-    """The field on (θ, a) ∈ R^{N+4}: θ̇ = f(t, θ), ȧ = the action integrands. Used by ``simulate(action=G)``."""
+    """The field on (z, a): ż = f(t, z), ȧ = the action integrands at θ = observe(z), θ̇ = observe(ż).
+    Used by ``simulate(action=G)``; ``observe`` reads θ out of a larger state (momentum, moments) and is the
+    identity for plain parameter flows."""
 
-    def __init__(self, field, problem, metric):
+    def __init__(self, field, problem, metric, observe=None):
         self.field = field
         self.problem = problem
         self.metric = metric
         self.integrand = ActionIntegrand(problem, metric)
-        self.n = problem.num_params
+        self.observe = observe
 
     def __call__(self, t, state):
-        theta = state[..., :self.n]
-        velocity = self.field(t, theta)
-        return torch.cat([velocity, self.integrand(theta, velocity)], dim=-1)
+        z = state[..., :-len(ACTION_TERMS)]
+        dz = self.field(t, z)
+        if self.observe is None:
+            return torch.cat([dz, self.integrand(z, dz)], dim=-1)
+        return torch.cat([dz, self.integrand(self.observe(z), self.observe(dz))], dim=-1)
 
 
 @dataclass

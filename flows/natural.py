@@ -153,13 +153,24 @@ class Recovery:
     residual: torch.Tensor
 
 
-def recover(field, problem, traj) -> Recovery:
+def recover(field, problem, traj, *, window: float | None = None, grad=None, steps: int = 32) -> Recovery:
     """Recover M_opt at every output time of ``traj`` for the rule ``field``: one field evaluation and one
-    gradient per time. Raises NotEffectiveError (with the time and the angle) where the rule is not effective."""
+    gradient per time. Raises NotEffectiveError (with the time and the angle) where the rule is not effective.
+
+    Args:
+        window: use the windowed loss L_T of :func:`windowed_loss` (for rules that improve only over a window T).
+        grad: a callable (t, θ) → ∇L(θ, t) for time-dependent losses (the metric is then built pointwise in t).
+        steps: RK4 steps of the windowed loss's inner integration.
+    """
+    if window is not None:
+        windowed = windowed_loss(field, problem, window, steps)
+
+        def grad(t, theta):
+            return torch.func.grad(windowed)(theta)
     psis, kappas, residuals = [], [], []
     for ti, theta in zip(traj.t, traj.theta):
         v = field(ti, theta)
-        g = problem.grad(theta)
+        g = problem.grad(theta) if grad is None else grad(ti, theta)
         _check_effective(v, g, float(ti))
         metric = min_condition_metric(v, g)
         psi = angle(v, g)
@@ -179,3 +190,53 @@ def averaged_gradient(problem, theta: torch.Tensor, step: torch.Tensor, nodes: i
 def discrete_metric(problem, theta: torch.Tensor, step: torch.Tensor, nodes: int = 4) -> LowRankMetric:
     """The metric M_k with Δθ_k = −M_k⁻¹ḡ_k for a discrete update that lowers the loss (MATH.md §4)."""
     return min_condition_metric(step, averaged_gradient(problem, theta, step, nodes))
+
+
+def windowed_loss(field, problem, window: float, steps: int = 32):
+    """θ ↦ L_T(θ) = (1/T) ∫₀ᵀ L(φ_s(θ)) ds, φ the flow of the (autonomous) rule, by ``steps`` classical RK4
+    steps and Simpson's rule on the loss samples; differentiable in θ (torch.func / autograd).
+
+    Along the rule, dL_T/dt = (L(φ_T(θ)) − L(θ))/T: negative wherever the rule improves the loss over the window,
+    even where it raises it momentarily, so the rule is natural gradient descent on L_T. Cost: 4·steps field
+    evaluations and steps + 1 losses per call.
+    """
+    if steps % 2:
+        steps += 1  # Simpson's rule needs an even number of intervals
+    h = float(window) / steps
+
+    def value(theta):
+        t = torch.zeros((), dtype=theta.dtype)
+        losses = [problem.loss(theta)]
+        x = theta
+        for _ in range(steps):
+            k1 = field(t, x)
+            k2 = field(t + h / 2, x + h / 2 * k1)
+            k3 = field(t + h / 2, x + h / 2 * k2)
+            k4 = field(t + h, x + h * k3)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            t = t + h
+            losses.append(problem.loss(x))
+        weights = torch.ones(steps + 1, dtype=theta.dtype)
+        weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+        return (weights * torch.stack(losses)).sum() * h / 3 / window
+
+    return value
+
+
+class MeanField:
+    """The drift of a stochastic rule: f̄(t, θ) = (1/K) Σ_k f_k(t, θ) over K draws (minibatches, noise seeds).
+
+    Its effectiveness and metric are those of the mean update (MATH.md §4, stochastic rules).
+    """
+
+    def __init__(self, fields, problem=None):
+        self.fields = list(fields)
+        if not self.fields:
+            raise ValueError("MeanField needs at least one field")
+        self.problem = problem if problem is not None else getattr(self.fields[0], "problem", None)
+
+    def __call__(self, t, theta):
+        return sum(f(t, theta) for f in self.fields) / len(self.fields)
+
+    def describe(self) -> dict:
+        return {"name": "MeanField", "draws": len(self.fields)}

@@ -206,3 +206,98 @@ class LinearSystem:
 
     def describe(self) -> dict:
         return {"name": "LinearSystem", "n": self.A.shape[0]}
+
+
+class HeavyBall:
+    """Heavy-ball momentum θ̈ + γθ̇ = −G⁻¹∇L as a first-order system on z = (θ, v) ∈ R^{2N}:
+
+        θ̇ = v,    v̇ = −γ v − G(θ)⁻¹∇L(θ).
+
+    The state is (θ, v) concatenated; ``theta_of(z)`` reads θ (simulate records the loss from it) and
+    ``initial_state`` builds z₀. Effective only with an energy-type loss on z (MATH.md §4): see
+    :meth:`energy_problem`. Cost per evaluation: one gradient and one metric solve.
+    """
+
+    def __init__(self, problem: Problem, friction: float = 1.0, metric: Metric | None = None):
+        if not float(friction) >= 0:
+            raise ValueError(f"friction must be non-negative, got {friction}")
+        self.problem = problem
+        self.friction = float(friction)
+        self.metric = Euclidean() if metric is None else metric
+        self.n = problem.num_params
+        self.state_length = 2 * self.n
+
+    def theta_of(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., :self.n]
+
+    def velocity_of(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., self.n:]
+
+    def initial_state(self, theta0: torch.Tensor | None = None, velocity=None) -> torch.Tensor:
+        theta0 = self.problem.theta0 if theta0 is None else theta0
+        velocity = torch.zeros_like(theta0) if velocity is None else torch.as_tensor(velocity).to(theta0)
+        return torch.cat([theta0, velocity], dim=-1)
+
+    def __call__(self, t, state):
+        theta, v = self.theta_of(state), self.velocity_of(state)
+        force = self.metric.solve(theta, self.problem.grad(theta))
+        return torch.cat([v, -self.friction * v - force], dim=-1)
+
+    def energy_problem(self, cross: float = 0.0) -> Problem:
+        """The energy E(z) = ½‖v‖² + L(θ) + ε vᵀ∇L(θ) on the 2N-dimensional state (ε = ``cross``).
+
+        Along the flow dE/dt = −γ‖v‖² + ε(vᵀHv − γvᵀ∇L − ‖∇L‖²): ≤ 0 for ε = 0 (zero whenever v = 0) and strictly
+        negative away from critical points for small ε > 0, which makes the momentum rule natural gradient
+        descent on E.
+        """
+        from flows.data import function_problem
+
+        problem, n = self.problem, self.n
+
+        def energy(z):
+            theta, v = z[:n], z[n:]
+            return 0.5 * (v * v).sum() + problem.loss(theta) + cross * (v * problem.grad(theta)).sum()
+
+        return function_problem(energy, self.initial_state(), name="heavy_ball_energy")
+
+    def describe(self) -> dict:
+        return {"name": "HeavyBall", "friction": self.friction, "metric": self.metric.describe()}
+
+
+class AdamFlow:
+    """A continuous-time Adam: state z = (θ, m, s) ∈ R^{3N},
+
+        ṁ = a (∇L − m),    ṡ = b (∇L² − s),    θ̇ = −m / (√s + ε),
+
+    the ODE whose Euler steps of size 1 are Adam's moment updates with β₁ = 1 − a, β₂ = 1 − b (without bias
+    correction; ``initial_state`` starts the moments at ∇L(θ₀) and ∇L(θ₀)², the bias-corrected values).
+    Cost per evaluation: one gradient.
+    """
+
+    def __init__(self, problem: Problem, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {beta}")
+        self.problem = problem
+        self.rates = (1.0 - beta1, 1.0 - beta2)
+        self.eps = float(eps)
+        self.n = problem.num_params
+        self.state_length = 3 * self.n
+
+    def theta_of(self, state):
+        return state[..., :self.n]
+
+    def initial_state(self, theta0: torch.Tensor | None = None) -> torch.Tensor:
+        theta0 = self.problem.theta0 if theta0 is None else theta0
+        g = self.problem.grad(theta0)
+        return torch.cat([theta0, g, g * g], dim=-1)
+
+    def __call__(self, t, state):
+        n = self.n
+        theta, m, s = state[..., :n], state[..., n:2 * n], state[..., 2 * n:]
+        g = self.problem.grad(theta)
+        a, b = self.rates
+        return torch.cat([-m / (s.clamp_min(0).sqrt() + self.eps), a * (g - m), b * (g * g - s)], dim=-1)
+
+    def describe(self) -> dict:
+        return {"name": "AdamFlow", "beta1": 1 - self.rates[0], "beta2": 1 - self.rates[1], "eps": self.eps}

@@ -113,13 +113,17 @@ class _MonitoredField:
         return dy.detach()
 
 
-def _check_inputs(theta0, t, method, rtol, atol, problem):
+def _check_inputs(theta0, t, method, rtol, atol, problem, field=None):
     theta0 = torch.as_tensor(theta0)
     if not theta0.is_floating_point():
         raise ValueError(f"theta0 must be a floating tensor, got dtype {theta0.dtype}")
     if theta0.ndim not in (1, 2):
         raise ValueError(f"theta0 must have shape (N,) or (E, N), got {tuple(theta0.shape)}")
-    if problem is not None and theta0.shape[-1] != problem.num_params:
+    state_length = getattr(field, "state_length", None)  # rules whose state is more than θ declare its length
+    if state_length is not None:
+        if theta0.shape[-1] != state_length:
+            raise ValueError(f"theta0 has length {theta0.shape[-1]} but the rule's state has length {state_length}")
+    elif problem is not None and theta0.shape[-1] != problem.num_params:
         raise ValueError(
             f"theta0 has length {theta0.shape[-1]} but the problem has {problem.num_params} parameters"
         )
@@ -217,18 +221,23 @@ def simulate(
     The vector field's output is detached, so no autograd graph grows across steps.
     """
     problem = getattr(field, "problem", None) if problem is None else problem
-    theta0, t, rtol, atol = _check_inputs(theta0, t, method, rtol, atol, problem)
+    # a field whose state is more than θ (momentum, optimiser moments) says how to read θ from it
+    observe = getattr(field, "theta_of", None)
+    theta0, t, rtol, atol = _check_inputs(theta0, t, method, rtol, atol, problem, field)
     options = dict(options) if options is not None else None
     bound_event = as_event(event)
     if bound_event is not None and bound_event.needs_problem:
         bound_event = bound_event.bind(problem)
+        if observe is not None:
+            on_theta = bound_event
+            bound_event = Event(lambda tt, y: on_theta(tt, observe(y)), name=on_theta.describe())
 
     n = theta0.shape[-1]
     run_field, state0 = field, theta0.detach()
     if action is not None:
         if problem is None:
             raise ValueError("action= needs the problem for ∇L: pass problem= or a field with .problem")
-        run_field = AugmentedField(field, problem, action)
+        run_field = AugmentedField(field, problem, action, observe)
         state0 = torch.cat([state0, state0.new_zeros(*state0.shape[:-1], len(ACTION_TERMS))], dim=-1)
         if bound_event is not None:
             inner_event = bound_event
@@ -274,7 +283,7 @@ def simulate(
         traj.action = states[..., n:].detach()
         metadata["action_metric"] = _describe(action)
     if record and problem is not None:
-        traj.loss, traj.grad_norm = measure(problem, traj.theta)
+        traj.loss, traj.grad_norm = measure(problem, traj.theta if observe is None else observe(traj.theta))
     return traj
 
 
@@ -368,10 +377,11 @@ def _diverged(monitored, bad: _NonFinite, theta0, field, problem, record, solver
     stats = _stats(monitored, float("nan"), monitored.callbacks)
     stats["diverged_at"] = bad.t
     traj = Trajectory(times, states, stats=stats, metadata=_metadata(field, problem, solver, None))
+    observe = getattr(field, "theta_of", None)
     if record and problem is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traj.loss, traj.grad_norm = measure(problem, traj.theta)
+            traj.loss, traj.grad_norm = measure(problem, traj.theta if observe is None else observe(traj.theta))
     last_t = float(times[-1])
     return FlowDivergedError(
         f"{bad.reason} at t={bad.t:.6g}; the last finite state is at t={last_t:.6g} "

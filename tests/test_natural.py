@@ -18,7 +18,7 @@ from flows.natural import (
     min_condition_metric,
     recover,
 )
-from flows.rules import DirectFeedbackAlignment, FeedbackAlignment, LinearSystem
+from flows.rules import DirectFeedbackAlignment, FeedbackAlignment, GradientFlow, LinearSystem
 
 
 def _effective_pair(n, seed, psi=None):
@@ -159,3 +159,64 @@ def test_direct_feedback_alignment_with_one_hidden_layer_and_d_equal_w_is_backpr
     assert torch.allclose(dfa(0.0, problem.theta0), -problem.grad(problem.theta0), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match=r"feedback for '0' must have shape \(10, 12\)"):
         DirectFeedbackAlignment(problem, feedback={"0": torch.zeros(3, 3)})
+
+
+def test_windowed_loss_makes_a_transiently_growing_rule_effective():
+    """ẋ = Ax with non-normal A raises ‖x‖² at first but lowers it over a window: natural gradient on L_T."""
+    import scipy.integrate
+    import scipy.linalg
+
+    from flows.natural import windowed_loss
+
+    a = torch.tensor([[-1.0, 10.0], [0.0, -2.0]], dtype=torch.float64)
+    problem = flows.data.function_problem(lambda x: (x * x).sum(), [1.0, 1.0])
+
+    def field(t, x):
+        return x @ a.T
+
+    T = 3.0
+    # closed form: L_T(x) = xᵀWx, W = (1/T)∫₀ᵀ e^{Aᵀs}e^{As} ds (adaptive quadrature, independent of RK4)
+    an = a.numpy()
+    w = scipy.integrate.quad_vec(lambda s: scipy.linalg.expm(an.T * s) @ scipy.linalg.expm(an * s), 0, T,
+                                 epsabs=1e-13, epsrel=1e-13)[0] / T
+    x = problem.theta0
+    exact = float(x @ torch.as_tensor(w) @ x)
+    # RK4 + Simpson are both 4th order: the error falls 16× per halving of h
+    coarse, fine = (abs(float(windowed_loss(field, problem, T, steps=s)(x)) - exact) for s in (128, 256))
+    assert fine <= 1e-8 * exact and coarse / fine == pytest.approx(16, rel=0.25)
+    traj = flows.simulate(field, x, torch.linspace(0, 2, 5, dtype=torch.float64), problem=problem, rtol=1e-10,
+                          atol=1e-12, progress=False)
+    with pytest.raises(flows.NotEffectiveError) as info:
+        recover(field, problem, traj)
+    assert info.value.t == 0.0 and info.value.angle > 90
+    rec = recover(field, problem, traj, window=T, steps=64)
+    assert bool((rec.psi < torch.pi / 2).all()) and float(rec.residual.max()) <= 1e-10
+
+
+def test_mean_of_minibatch_rules_is_the_full_batch_rule():
+    from flows.natural import MeanField
+
+    x, y = flows.data.digits(60)
+    model = flows.data.mlp([64, 5, 10])
+    full = flows.Problem(model, "cross_entropy", (x, y))
+    batches = [flows.Problem(model, "cross_entropy", (x[i::3], y[i::3])) for i in range(3)]
+    drift = MeanField([GradientFlow(b) for b in batches], problem=full)
+    assert torch.allclose(drift(0.0, full.theta0), GradientFlow(full)(0.0, full.theta0), rtol=1e-12, atol=1e-15)
+
+
+def test_time_dependent_loss_recovery():
+    d = torch.tensor([1.0, 4.0], dtype=torch.float64)
+
+    def target(t):
+        return torch.stack([torch.sin(t), torch.cos(t)]).to(torch.float64)
+
+    def field(t, theta):  # a preconditioned tracker of the moving minimum of ½‖θ − c(t)‖²
+        return -d * (theta - target(torch.as_tensor(t)))
+
+    problem = flows.data.function_problem(lambda th: 0.5 * (th * th).sum(), [2.0, -1.0])
+    traj = flows.simulate(field, problem.theta0, torch.linspace(0, 2, 9, dtype=torch.float64), problem=problem,
+                          rtol=1e-10, atol=1e-12, progress=False)
+    rec = recover(field, problem, traj, grad=lambda t, th: th - target(torch.as_tensor(t)))
+    e = traj.theta - torch.stack([target(t) for t in traj.t])
+    expected = torch.arccos((d * e * e).sum(-1) / ((d * e).norm(dim=-1) * e.norm(dim=-1)))
+    assert torch.allclose(rec.psi, expected, atol=1e-7) and float(rec.residual.max()) <= 1e-12
