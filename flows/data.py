@@ -82,3 +82,18 @@ def quadratic(A, theta0, *, dtype=torch.float64):
         return 0.5 * theta @ A.to(theta) @ theta
 
     return function_problem(quadratic_loss, theta0, dtype=dtype)
+
+
+def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed: int = 0, dtype=torch.float64):
+    """Regression data from a random teacher network: inputs x ~ N(0, I), targets = teacher(x) + noise·ε.
+
+    ``sizes`` are the teacher's layer widths (tanh hidden layers). Returns (inputs, targets).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    teacher = mlp(sizes, seed=seed + 1, dtype=dtype)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(2.0)  # a teacher well outside the linear regime
+        x = torch.randn(n, sizes[0], generator=gen, dtype=dtype)
+        y = teacher(x) + noise * torch.randn(n, sizes[-1], generator=gen, dtype=dtype)
+    return x, y
