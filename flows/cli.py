@@ -1,4 +1,4 @@
-"""The ``flows`` command: ``flows demo`` (the main job), ``flows compare`` and ``flows simulate``.
+"""The ``flows`` command: ``flows demo`` (the main job), ``flows compare``, ``flows figures`` and ``flows simulate``.
 
 Run ``flows --help`` or ``flows SUBCOMMAND --help`` for the flags.
 """
@@ -56,6 +56,9 @@ def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dic
 
 COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("t_end", "{:.3g}"),
            ("nfe", "{}"), ("steps", "{}"), ("rejected", "{}"), ("wall_time_s", "{:.2f}")]
+DEMO_COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("nfe", "{}"),
+                ("wall_time_s", "{:.1f}"), ("action", "{:.4g}"), ("gap", "{:.3g}"), ("mu_start", "{:+.3g}"),
+                ("mu_end", "{:+.3g}"), ("psi_deg", "{}"), ("kappa_min", "{}")]
 
 
 def format_table(rows: list[dict], columns=COLUMNS) -> str:
@@ -69,36 +72,81 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def _run_demo(args) -> int:
-    out = Path(args.out)
-    dtype = torch.float64
-    problem = digits_problem(args.hidden, seed=args.seed, dtype=dtype)
-    t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
-    runs = {
-        "euclidean": flows.metrics.Euclidean(),
-        "natural": flows.metrics.NaturalGradient(problem, mu=args.mu, metric_batch=args.metric_batch,
-                                                 seed=args.seed),
+def format_markdown(rows: list[dict], columns=DEMO_COLUMNS) -> str:
+    head = "| " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join("-" if r.get(n) is None else f.format(r[n]) for n, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def demo_rules(problem: flows.Problem, *, mu: float, metric_batch: int, seed: int) -> dict:
+    """The four rules of ``flows demo``, all from the problem's θ₀."""
+    return {
+        "euclidean": flows.rules.GradientFlow(problem, flows.metrics.Euclidean()),
+        "layerwise": flows.rules.GradientFlow(problem, flows.metrics.Layerwise(
+            problem, mu=mu, metric_batch=2 * metric_batch, seed=seed)),
+        "natural": flows.rules.GradientFlow(problem, flows.metrics.NaturalGradient(
+            problem, mu=mu, metric_batch=metric_batch, seed=seed)),
+        "feedback_alignment": flows.rules.FeedbackAlignment(problem, seed=seed),
     }
-    print(f"flows demo: {problem}; θ₀ shared; t ∈ [0, {args.t_end:g}]; dopri5 rtol={args.rtol:g} "
-          f"atol={args.atol:g}", flush=True)
-    trajectories, rows = {}, []
-    for label, metric in runs.items():
-        print(f"  simulating {label} gradient flow under {metric!r} …", flush=True)
-        traj = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t,
-                              rtol=args.rtol, atol=args.atol, progress=not args.quiet)
+
+
+def _run_demo(args) -> int:
+    from flows.contraction import rate
+    from flows.natural import recover
+
+    out = Path(args.out)
+    problem = digits_problem(args.hidden, seed=args.seed)
+    t = torch.linspace(0.0, args.t_end, args.points, dtype=torch.float64)
+    reference = flows.metrics.Euclidean()
+    print(f"flows demo: {problem}; four rules from one θ₀; t ∈ [0, {args.t_end:g}]; dopri5 rtol={args.rtol:g} "
+          f"atol={args.atol:g}; action in the Euclidean metric", flush=True)
+    trajectories, rows, reports = {}, [], {}
+    for label, rule in demo_rules(problem, mu=args.mu, metric_batch=args.metric_batch, seed=args.seed).items():
+        print(f"  simulating {label} …", flush=True)
+        traj = flows.simulate(rule, problem.theta0, t, rtol=args.rtol, atol=args.atol, action=reference,
+                              progress=not args.quiet)
         traj.save(out / f"{label}.npz")
         trajectories[label] = traj
-        rows.append(summarize(label, problem, traj))
+        reports[label] = flows.action.action(traj)
+        row = summarize(label, problem, traj)
+        row.update({k: reports[label].summary()[k] for k in ("action", "gap", "loss_drop", "length")})
+        # the contraction rate μ₂(J) at the start and the end, matrix-free (Lanczos on sym J)
+        row["mu_start"], row["mu_end"] = (rate(rule, theta, t=float(ti), method="lanczos", eigenvalues=False,
+                                                tol=args.lanczos_tol).mu
+                                           for ti, theta in ((t[0], traj.theta[0]), (traj.t[-1], traj.theta[-1])))
+        if label == "feedback_alignment":
+            rec = recover(rule, problem, traj, strict=False)  # κ_min is NaN where FA is not effective (ψ ≥ 90°)
+            psi = torch.rad2deg(rec.psi)
+            row["psi_deg"] = f"{float(psi[0]):.1f}→{float(psi[-1]):.1f}"
+            row["kappa_min"] = f"{float(rec.kappa[0]):.3g}→{float(rec.kappa[-1]):.3g}"
+            row["psi_series_deg"], row["kappa_series"] = psi.tolist(), rec.kappa.tolist()
+            fig = flows.plot.natural_angles({"feedback alignment": rec})
+            flows.plot.save(fig, out / "feedback_alignment_natural.png")
+        rows.append(row)
+
     fig = flows.plot.loss_curves(trajectories)
-    fig.axes[0].set_title(f"Gradient flows of a {'-'.join(map(str, [64, *args.hidden, 10]))} tanh MLP on digits")
+    fig.axes[0].set_title(f"Learning a {'-'.join(map(str, [64, *args.hidden, 10]))} tanh MLP on digits, one θ₀")
     flows.plot.save(fig, out / "loss.png")
-    summary = {"problem": repr(problem), "t_end": args.t_end, "rtol": args.rtol, "atol": args.atol,
-               "mu": args.mu, "metric_batch": args.metric_batch, "runs": rows}
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12.0, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    flows.plot.action_curves(reports, ax=left)
+    flows.plot.gap_bars([{"rule": r["run"], "gap": r["gap"]} for r in rows], ax=right)
+    flows.plot.save(fig, out / "action.png")
+    flows.plot.save(flows.plot.pca_trajectories(trajectories, problem), out / "trajectories_pca.png")
+
+    summary = {"problem": repr(problem), "t_end": args.t_end, "rtol": args.rtol, "atol": args.atol, "mu": args.mu,
+               "metric_batch": args.metric_batch, "action_metric": reference.describe(), "runs": rows}
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    table = format_markdown(rows)
+    write_text(out / "summary.md", f"# flows demo\n\n{problem!r}, t ∈ [0, {args.t_end:g}]; action and gap in the "
+                                   f"Euclidean metric; μ = λ_max(sym J) at the start and the end.\n\n{table}\n")
     print()
-    print(format_table(rows))
-    print(f"\nwrote {out / 'loss.png'}, {out / 'summary.json'} and the trajectories "
-          f"({', '.join(f'{k}.npz' for k in runs)}) to {out}/")
+    print(format_table(rows, DEMO_COLUMNS))
+    print(f"\nwrote loss.png, action.png, trajectories_pca.png, feedback_alignment_natural.png, summary.json, "
+          f"summary.md and the trajectories ({', '.join(f'{k}.npz' for k in trajectories)}) to {out}/")
     return 0
 
 
@@ -151,6 +199,32 @@ def _run_compare(args) -> int:
     return 0
 
 
+def _run_figures(args) -> int:
+    """Run every example with its fixed seeds, writing figures/NAME.png."""
+    import runpy
+
+    root = Path(flows.__file__).resolve().parent.parent
+    examples = sorted((root / "examples").glob("*.py"))
+    if not examples:
+        raise ValueError(f"no examples found under {root / 'examples'}; `flows figures` runs from a source "
+                         "checkout (pip install -e .)")
+    out = Path(args.out) if args.out else root / "figures"
+    for script in examples:
+        if args.only and script.stem not in args.only:
+            continue
+        print(f"== {script.stem}", flush=True)
+        argv = [str(script), "--out", str(out / f"{script.stem}.png")] + (["--quick"] if args.quick else [])
+        saved, sys.argv = sys.argv, argv
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise ValueError(f"example {script.stem} exited with {exc.code}") from exc
+        finally:
+            sys.argv = saved
+    return 0
+
+
 def _positive_int_list(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -163,14 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="the main job: Euclidean vs natural-gradient flow of an MLP on digits",
-                          description="Simulate a tanh MLP on the bundled digits data under Euclidean and "
-                                      "natural-gradient flows from one θ₀; print a table; write a loss "
-                                      "figure, summary.json and the trajectories.")
+    demo = sub.add_parser("demo", help="the main job: four learning rules for an MLP on digits, compared",
+                          description="Simulate a tanh MLP on the bundled digits data under Euclidean, "
+                                      "layerwise and natural-gradient flows and feedback alignment from one θ₀; "
+                                      "print a table (loss, accuracy, cost, action, gap, contraction rate, ψ and "
+                                      "κ_min of feedback alignment); write figures, summary.json, summary.md and "
+                                      "the trajectories.")
     demo.add_argument("--out", default="flows-out", help="output folder (default: %(default)s)")
     demo.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
-    demo.add_argument("--t-end", type=float, default=30.0, help="simulated time span (default: %(default)s)")
-    demo.add_argument("--points", type=int, default=61, help="output times (default: %(default)s)")
+    demo.add_argument("--t-end", type=float, default=20.0, help="simulated time span (default: %(default)s)")
+    demo.add_argument("--points", type=int, default=41, help="output times (default: %(default)s)")
+    demo.add_argument("--lanczos-tol", type=float, default=1e-4, help="tolerance of the contraction-rate eigsh")
     demo.add_argument("--mu", type=float, default=1e-2, help="natural-gradient damping μ")
     demo.add_argument("--metric-batch", type=int, default=32, help="samples in the metric (d = 10 × this)")
     demo.add_argument("--rtol", type=float, default=1e-6)
@@ -198,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(run=_run_compare)
+
+    figs = sub.add_parser("figures", help="regenerate every figure under figures/ from the examples",
+                          description="Run every example script (fixed seeds) and write figures/NAME.png.")
+    figs.add_argument("--out", default=None, help="folder for the figures (default: the checkout's figures/)")
+    figs.add_argument("--only", nargs="+", default=None, help="example names to run (default: all)")
+    figs.add_argument("--quick", action="store_true", help="the examples' quick mode")
+    figs.set_defaults(run=_run_figures)
 
     sim = sub.add_parser("simulate", help="one gradient flow of an MLP on digits, saved as .npz",
                          description="Simulate one gradient flow of a tanh MLP on the bundled digits data.")

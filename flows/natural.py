@@ -153,7 +153,8 @@ class Recovery:
     residual: torch.Tensor
 
 
-def recover(field, problem, traj, *, window: float | None = None, grad=None, steps: int = 32) -> Recovery:
+def recover(field, problem, traj, *, window: float | None = None, grad=None, steps: int = 32,
+            strict: bool = True) -> Recovery:
     """Recover M_opt at every output time of ``traj`` for the rule ``field``: one field evaluation and one
     gradient per time. Raises NotEffectiveError (with the time and the angle) where the rule is not effective.
 
@@ -161,6 +162,8 @@ def recover(field, problem, traj, *, window: float | None = None, grad=None, ste
         window: use the windowed loss L_T of :func:`windowed_loss` (for rules that improve only over a window T).
         grad: a callable (t, θ) → ∇L(θ, t) for time-dependent losses (the metric is then built pointwise in t).
         steps: RK4 steps of the windowed loss's inner integration.
+        strict: raise NotEffectiveError where ψ ≥ 90°; with False, report ψ there and NaN for κ_min and the
+            residual (no metric exists).
     """
     if window is not None:
         windowed = windowed_loss(field, problem, window, steps)
@@ -171,10 +174,14 @@ def recover(field, problem, traj, *, window: float | None = None, grad=None, ste
     for ti, theta in zip(traj.t, traj.theta):
         v = field(ti, theta)
         g = problem.grad(theta) if grad is None else grad(ti, theta)
-        _check_effective(v, g, float(ti))
-        metric = min_condition_metric(v, g)
         psi = angle(v, g)
         psis.append(psi)
+        if not strict and not float((-g * v).sum()) > 0:
+            kappas.append(torch.full_like(psi, float("nan")))
+            residuals.append(torch.full_like(psi, float("nan")))
+            continue
+        _check_effective(v, g, float(ti))  # raises with the time and the angle
+        metric = min_condition_metric(v, g)
         kappas.append(kappa_min(psi))
         residuals.append(torch.linalg.vector_norm(v + metric.solve(theta, g)) / torch.linalg.vector_norm(v))
     return Recovery(traj.t, torch.stack(psis), torch.stack(kappas), torch.stack(residuals))

@@ -56,3 +56,120 @@ def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> None:
     """Write ``fig`` to ``path`` atomically (format from the suffix)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=os.path.splitext(os.fspath(path))[1].lstrip(".") or "png")
+
+
+def _legend(ax: Axes, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, **kwargs)
+
+
+def pca_trajectories(trajectories: Mapping[str, Trajectory], problem, *, ax: Axes | None = None, grid: int = 41,
+                     margin: float = 0.25) -> Figure:
+    """Parameter trajectories projected on the top two principal directions of all their states, over the
+    contours of the loss on that plane (θ = mean + a·u₁ + b·u₂). Cost: grid² loss evaluations (batched)."""
+    import numpy as np
+    import torch
+
+    fig, ax = _axes(ax)
+    states = torch.cat([traj.theta.reshape(-1, traj.theta.shape[-1]) for traj in trajectories.values()])
+    centre = states.mean(0)
+    _, _, vh = torch.linalg.svd(states - centre, full_matrices=False)
+    basis = vh[:2]
+    coords = {label: ((traj.theta - centre) @ basis.T).cpu().numpy() for label, traj in trajectories.items()}
+    every = np.concatenate(list(coords.values()))
+    lo, hi = every.min(0), every.max(0)
+    pad = margin * (hi - lo + 1e-12)
+    a = np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid)
+    b = np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid)
+    aa, bb = np.meshgrid(a, b)
+    plane = centre + torch.as_tensor(np.stack([aa.ravel(), bb.ravel()], 1), dtype=centre.dtype) @ basis
+    with torch.no_grad():
+        loss = torch.cat([problem.loss(chunk) for chunk in plane.split(256)]).reshape(grid, grid).cpu().numpy()
+    levels = np.geomspace(max(loss.min(), 1e-12), loss.max(), 20)
+    contour = ax.contourf(aa, bb, loss, levels=levels, cmap="Greys", norm=_log_norm(levels), alpha=0.6)
+    fig.colorbar(contour, ax=ax, label="loss on the plane", format="%.3g")
+    for label, xy in coords.items():
+        line, = ax.plot(xy[:, 0], xy[:, 1], lw=2, label=label)
+        ax.plot(xy[-1, 0], xy[-1, 1], "o", color=line.get_color(), ms=5)
+    ax.plot(*coords[next(iter(coords))][0], "k*", ms=10, label="θ₀")
+    ax.set(xlabel="principal direction 1", ylabel="principal direction 2",
+           title="trajectories on their top two principal directions")
+    _legend(ax)
+    return fig
+
+
+def _log_norm(levels):
+    from matplotlib.colors import LogNorm
+
+    return LogNorm(vmin=levels[0], vmax=levels[-1])
+
+
+def action_curves(reports: Mapping, *, ax: Axes | None = None) -> Figure:
+    """Cumulative action S(t) (solid) against its bound L(0) − L(t) (dashed), one colour per rule."""
+    fig, ax = _axes(ax)
+    for label, report in reports.items():
+        line, = ax.plot(report.t, report.total, lw=2, label=f"{label}: S(t)")
+        ax.plot(report.t, report.loss_drop, ls="--", lw=1, color=line.get_color())
+    ax.plot([], [], ls="--", color="gray", label="bound L(0) − L(t)")
+    ax.set(xlabel="solver time t", ylabel="cumulative action", title="action and its lower bound")
+    _legend(ax)
+    return fig
+
+
+def gap_bars(rows: list[dict], *, ax: Axes | None = None) -> Figure:
+    """The excess action S − (L(0) − L(T)) of each rule (rows of :func:`flows.action.compare`), log scale."""
+    fig, ax = _axes(ax)
+    names = [r["rule"] for r in rows]
+    positive = [r["gap"] for r in rows if r["gap"] > 0]
+    floor = min(positive) * 1e-3 if positive else 1e-12  # a gap of 0 (the G-gradient flow) sits on the floor
+    gaps = [max(r["gap"], floor) for r in rows]
+    bars = ax.bar(range(len(rows)), gaps, bottom=0, color=[f"C{i}" for i in range(len(rows))])
+    ax.bar_label(bars, labels=["0: attains the bound" if r["gap"] <= floor else f"{r['gap']:.3g}" for r in rows],
+                 fontsize=8)
+    ax.set_ylim(bottom=floor / 2)
+    ax.set_xticks(range(len(rows)), names, rotation=15, ha="right", fontsize=8)
+    ax.set(yscale="log", ylabel="gap S − (L(0) − L(T))", title="distance from steepest descent")
+    return fig
+
+
+def contraction_rates(reports: Mapping, *, ax: Axes | None = None) -> Figure:
+    """μ(t) (solid) and max Re λ(t) (dashed) of :func:`flows.contraction.analyze` reports."""
+    fig, ax = _axes(ax)
+    for label, report in reports.items():
+        line, = ax.plot(report.t, report.mu, lw=2, label=f"{label}: μ(t)")
+        ax.plot(report.t, report.max_real_eig, lw=1.2, ls="--", color=line.get_color(),
+                label=f"{label}: max Re λ(t)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="solver time t", ylabel="rate (1/time)", yscale="symlog",
+           title="contraction rate (μ < 0: contracting)")
+    _legend(ax)
+    return fig
+
+
+def natural_angles(recoveries: Mapping, *, ax: Axes | None = None) -> Figure:
+    """ψ(t) in degrees (left axis) and κ_min(t) (right axis, log) of :func:`flows.natural.recover` results."""
+    import torch
+
+    fig, ax = _axes(ax)
+    twin = ax.twinx()
+    for i, (label, rec) in enumerate(recoveries.items()):
+        ax.plot(rec.t, torch.rad2deg(rec.psi), lw=2, color=f"C{i}", label=f"ψ(t), {label}")
+        twin.semilogy(rec.t, rec.kappa, lw=1.5, ls="--", color=f"C{i}", label=f"κ_min(t), {label}")
+    ax.axhline(90, color="k", lw=0.8, ls=":")
+    ax.set(xlabel="solver time t", ylabel="angle ψ between update and −∇L (degrees)", ylim=(0, 95),
+           title="every effective rule is natural gradient descent")
+    twin.set_ylabel("κ_min = (1 + sin ψ)/(1 − sin ψ)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
+    return fig
+
+
+def layer_diagnostics(rows: list[dict], *, ax: Axes | None = None) -> Figure:
+    """Inner condition numbers ξ_a per block of ``Layerwise.diagnostics`` (log scale), with the block sizes."""
+    fig, ax = _axes(ax)
+    bars = ax.bar(range(len(rows)), [r["xi"] for r in rows], color="tab:purple")
+    ax.bar_label(bars, labels=[f"n={r['size']}, {r['path']}" for r in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"block {r['block']}" for r in rows])
+    ax.set(yscale="log", ylabel="ξ = cond(I + KKᵀ/μ)", title="per-layer inner condition numbers")
+    return fig
