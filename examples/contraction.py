@@ -49,34 +49,17 @@ def run(quick: bool):
 
 def figure(trajectories, reports, div, spectra, euclid) -> Figure:
     fig = Figure(figsize=(12.0, 8.4), layout="constrained")
-    (ax_mu, ax_re), (ax_div, ax_spec) = fig.subplots(2, 2)
-    for label, r in reports.items():
-        line, = ax_mu.plot(r.t, r.mu, lw=2, label=label)
-        ax_re.plot(r.t, r.max_real_eig, lw=2, color=line.get_color(), label=label)
-    for ax, what in ((ax_mu, "log-norm μ₂(J)"), (ax_re, "max Re λ(J)")):
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set(xlabel="solver time t", ylabel=f"{what} (1/time)", yscale="symlog")
-        ax.legend(fontsize=8)
-    ax_mu.set_title("contraction rate along training (μ < 0: contracting)")
-    ax_re.set_title("largest real part of the Jacobian's eigenvalues")
-    bound = reports[euclid].bound
-    for k in range(div.distance.shape[1]):
-        ax_div.plot(div.t, div.distance[:, k], lw=1.5, alpha=0.8, label="‖δθ(t)‖, perturbed copies" if k == 0 else None,
-                    color="tab:blue")
-        ax_div.plot(div.t, bound * div.distance[0, k], ls="--", lw=1.2, color="tab:red",
-                    label="bound exp(∫μ dt)‖δθ(0)‖" if k == 0 else None)
-    ax_div.set(xlabel="solver time t", ylabel="distance to the reference trajectory", yscale="log",
-               title=f"divergence of nearby trajectories ({euclid})")
-    ax_div.legend(fontsize=8)
-    markers = {"start": "o", "end": "x"}
-    for (label, (first, last)), color in zip(spectra.items(), ("tab:blue", "tab:orange")):
-        for name, values in (("start", first), ("end", last)):
-            ax_spec.scatter(values.real.numpy(), values.imag.numpy(), s=14, marker=markers[name], color=color,
-                            alpha=0.7, label=f"{label}, {name}")
-    ax_spec.axvline(0, color="k", lw=0.8)
-    ax_spec.set_xscale("symlog", linthresh=1e-3)
-    ax_spec.set(xlabel="Re λ(J) (1/time)", ylabel="Im λ(J)", title="Jacobian spectra at the start and the end")
-    ax_spec.legend(fontsize=7)
+    (ax_rates, ax_names), (ax_div, ax_spec) = fig.subplots(2, 2)
+    flows.plot.contraction_rates(reports, ax=ax_rates)
+    ax_names.set_axis_off()
+    ax_names.text(0.02, 0.95, "μ₂(J) = λ_max((J + Jᵀ)/2): the 2-norm log-norm of the flow's Jacobian.\n"
+                  "μ < 0 certifies that nearby trajectories converge (contraction).\n"
+                  "max Re λ(J) ≤ μ₂(J); the gap between them is where transient growth\n"
+                  "is possible although every eigenvalue is stable.", va="top", fontsize=10)
+    flows.plot.divergence_plot(div, reports[euclid].bound, ax=ax_div,
+                               title=f"divergence of nearby trajectories ({euclid})")
+    flows.plot.spectra({f"{label}, {when}": values for label, pair in spectra.items()
+                        for when, values in zip(("start", "end"), pair)}, ax=ax_spec)
     return fig
 
 

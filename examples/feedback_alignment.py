@@ -46,16 +46,8 @@ def figure(runs, rec, alignment) -> Figure:
     ax_loss, ax_psi, ax_align = fig.subplots(1, 3)
     flows.plot.loss_curves(runs, ax=ax_loss)
     ax_loss.set_title("student loss")
-    ax_psi.plot(rec.t, torch.rad2deg(rec.psi), lw=2, color="tab:orange", label="angle ψ between update and −∇L")
-    ax_psi.axhline(90, color="k", lw=0.8, ls="--", label="90°: not effective")
-    ax_psi.set(xlabel="solver time t", ylabel="ψ (degrees)", ylim=(0, 115),
-               title="FA as natural gradient: ψ(t) and κ_min(t)")
-    twin = ax_psi.twinx()
-    twin.semilogy(rec.t, rec.kappa, lw=2, color="tab:purple", label="κ_min = (1 + sin ψ)/(1 − sin ψ)")
-    twin.set_ylabel("κ_min of the recovered metric")
-    lines = ax_psi.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    ax_psi.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper right")
+    flows.plot.natural_angles({"feedback alignment": rec}, ax=ax_psi)
+    ax_psi.set_title("FA as natural gradient: ψ(t) and κ_min(t)")
     ax_align.plot(rec.t, alignment, lw=2, color="tab:green", label="∠(W_out, F) during feedback alignment")
     ax_align.axhline(90, color="k", lw=0.8, ls="--", label="90°: unrelated")
     ax_align.set(xlabel="solver time t", ylabel="angle (degrees)", ylim=(0, 100),

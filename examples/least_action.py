@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Ellipse
 
 import flows
 from flows.action import action, least_action_path
@@ -60,19 +59,10 @@ def landscape(quick: bool):
 def figure(runs, problem, metric, flow, path) -> Figure:
     fig = Figure(figsize=(15.0, 4.6), layout="constrained")
     ax_action, ax_gap, ax_land = fig.subplots(1, 3)
-    for label, traj in runs.items():
-        report = action(traj)
-        line, = ax_action.plot(report.t, report.total, lw=2, label=f"{label}: S(t)")
-        ax_action.plot(report.t, report.loss_drop, ls="--", color=line.get_color(), lw=1)
-        ax_gap.plot(report.t, report.gap, lw=2, color=line.get_color(), label=label)
-    ax_action.plot([], [], ls="--", color="gray", label="bound L(0) − L(t)")
-    ax_action.set(xlabel="solver time t", ylabel="cumulative action (Euclidean metric)",
-                  title="action S(t) and its lower bound")
-    ax_action.legend(fontsize=7, loc="center right")
-    ax_gap.set(xlabel="solver time t", ylabel="gap S(t) − (L(0) − L(t))", yscale="symlog",
-               title="excess action: distance from steepest descent")
-    ax_gap.set_ylim(bottom=0)
-    ax_gap.legend(fontsize=7)
+    reports = {label: action(traj) for label, traj in runs.items()}
+    flows.plot.action_curves(reports, ax=ax_action)
+    ax_action.set_ylabel("cumulative action (Euclidean metric)")
+    flows.plot.gap_curves(reports, ax=ax_gap)
 
     xs, ys = np.meshgrid(np.linspace(-1.6, 1.6, 200), np.linspace(-1.2, 1.6, 200))
     grid = torch.as_tensor(np.stack([xs, ys], -1))
@@ -84,16 +74,10 @@ def figure(runs, problem, metric, flow, path) -> Figure:
     every = max(1, (len(path.t) - 1) // 32)
     ax_land.plot(path.theta[::every, 0], path.theta[::every, 1], "o", ms=4, color="tab:red",
                  label=f"least-action path (every {every}th of {len(path.t) - 1} nodes)")
-    eig, vec = np.linalg.eigh(metric.M.numpy())
-    radius = 0.07
     points = flow.theta.numpy()
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    for target in np.linspace(0, arc[-1], 6)[1:-1]:  # evenly spaced along the path, not in time
-        centre = points[np.searchsorted(arc, target)]
-        width, height = 2 * radius / np.sqrt(eig)  # semi-axes r/√λ of {δ: δᵀMδ = r²}
-        angle = np.degrees(np.arctan2(vec[1, 0], vec[0, 0]))
-        ax_land.add_patch(Ellipse(centre, width, height, angle=angle, fill=False, color="tab:orange", lw=1.2))
-    ax_land.plot([], [], color="tab:orange", label="metric ellipses δᵀMδ = r²")
+    centres = [points[np.searchsorted(arc, s)] for s in np.linspace(0, arc[-1], 6)[1:-1]]  # even in arc length
+    flows.plot.metric_ellipses(ax_land, centres, [metric.M.numpy()] * len(centres), size=0.07, color="tab:orange")
     ax_land.set(xlabel="θ₁", ylabel="θ₂", title="least-action path on a tilted double well", aspect="equal")
     ax_land.legend(fontsize=7, loc="upper left")
     return fig

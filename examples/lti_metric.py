@@ -11,13 +11,11 @@ Ellipses {δ : δᵀM_opt δ = r²} are drawn along trajectories; the right pane
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Ellipse
 
 import flows
 from flows.natural import min_condition_metric, recover
@@ -41,49 +39,24 @@ def run(quick: bool):
 def figure(results) -> Figure:
     fig = Figure(figsize=(14.0, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
-    colors = ["tab:blue", "tab:orange"]
     for ax, (name, (system, trajs, _)) in zip(axes[:2], results.items()):
-        lim = 1.15 * max(float(tr.theta.abs().max()) for tr in trajs)
-        grid = np.linspace(-lim, lim, 17)
-        xs, ys = np.meshgrid(grid, grid)
-        a = system.A.numpy()
-        ax.streamplot(xs, ys, a[0, 0] * xs + a[0, 1] * ys, a[1, 0] * xs + a[1, 1] * ys, color="0.75", density=0.8,
-                      linewidth=0.7)
+
+        def recovered(t, x, system=system):
+            return min_condition_metric(system(t, x), system.problem.grad(x)).matrix().numpy()
+
+        flows.plot.phase_portrait(system, trajs, ax=ax, metrics=recovered)
+        lim = ax.get_xlim()[1]
         fine = np.linspace(-lim, lim, 200)
         fx, fy = np.meshgrid(fine, fine)
         p = system.P.numpy()
         lyapunov = p[0, 0] * fx**2 + 2 * p[0, 1] * fx * fy + p[1, 1] * fy**2
         ax.contour(fx, fy, lyapunov, levels=np.geomspace(lyapunov.max() * 1e-3, lyapunov.max(), 8), colors="0.45",
                    linewidths=0.7, linestyles="dotted")
-        for traj in trajs:
-            x = traj.theta.numpy()
-            ax.plot(x[:, 0], x[:, 1], lw=2, color="tab:blue")
-            for i in np.linspace(0, len(x) - 1, 5).astype(int)[:-1]:
-                theta = traj.theta[i]
-                metric = min_condition_metric(system(traj.t[i], theta), system.problem.grad(theta))
-                evals, evecs = np.linalg.eigh(metric.matrix().numpy())
-                radius = 0.08 * lim * math.sqrt(evals[0])  # the largest semi-axis is 8 % of the box
-                width, height = 2 * radius / np.sqrt(evals)
-                angle = math.degrees(math.atan2(evecs[1, 0], evecs[0, 0]))
-                ax.add_patch(Ellipse(x[i], width, height, angle=angle, fill=False, color="tab:red", lw=1.2))
-        ax.plot([], [], color="tab:blue", lw=2, label="trajectories ẋ = Ax")
-        ax.plot([], [], color="tab:red", lw=1.2, label="recovered M_opt: δᵀMδ = r²")
-        ax.plot([], [], color="0.55", lw=0.6, ls="dotted", label="Lyapunov loss xᵀPx")
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x₁", ylabel="x₂",
-               title=f"{name} = {system.A.tolist()}")
+        ax.plot([], [], color="0.45", lw=0.7, ls="dotted", label="Lyapunov loss xᵀPx")
         ax.legend(fontsize=7, loc="lower left")
-    ax = axes[2]
-    twin = ax.twinx()
-    for (name, (_, _, recs)), color in zip(results.items(), colors):
-        rec = recs[0]
-        ax.plot(rec.t, torch.rad2deg(rec.psi), lw=2, color=color, label=f"ψ(t), {name}")
-        twin.semilogy(rec.t, rec.kappa, lw=1.5, ls="--", color=color, label=f"κ_min(t), {name}")
-    ax.set(xlabel="time t", ylabel="angle ψ between ẋ and −∇L (degrees)", ylim=(0, 90),
-           title=f"from x₀ = {STARTS[0]}")
-    twin.set_ylabel("κ_min = (1 + sin ψ)/(1 − sin ψ)")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = twin.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
+        ax.set_title(f"{name} = {system.A.tolist()}")
+    flows.plot.natural_angles({name: recs[0] for name, (_, _, recs) in results.items()}, ax=axes[2])
+    axes[2].set_title(f"from x₀ = {STARTS[0]}")
     return fig
 
 

@@ -173,3 +173,92 @@ def layer_diagnostics(rows: list[dict], *, ax: Axes | None = None) -> Figure:
     ax.set_xticks(range(len(rows)), [f"block {r['block']}" for r in rows])
     ax.set(yscale="log", ylabel="ξ = cond(I + KKᵀ/μ)", title="per-layer inner condition numbers")
     return fig
+
+
+def gap_curves(reports: Mapping, *, ax: Axes | None = None) -> Figure:
+    """The cumulative gap S(t) − (L(0) − L(t)) of each rule (symlog scale: 0 for the G-gradient flow)."""
+    fig, ax = _axes(ax)
+    for label, report in reports.items():
+        ax.plot(report.t, report.gap, lw=2, label=label)
+    ax.set(xlabel="solver time t", ylabel="gap S(t) − (L(0) − L(t))", yscale="symlog",
+           title="excess action: distance from steepest descent")
+    ax.set_ylim(bottom=0)
+    _legend(ax)
+    return fig
+
+
+def divergence_plot(div, bound, *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Distances of perturbed copies (a :func:`flows.contraction.divergence` result) against the contraction
+    bound exp(∫μ dt)‖δθ(0)‖ (``bound`` = ``analyze(...).bound``), log scale."""
+    fig, ax = _axes(ax)
+    for k in range(div.distance.shape[1]):
+        ax.plot(div.t, div.distance[:, k], lw=1.5, alpha=0.8, color="tab:blue",
+                label="‖δθ(t)‖ of perturbed copies" if k == 0 else None)
+        ax.plot(div.t, bound * div.distance[0, k], ls="--", lw=1.2, color="tab:red",
+                label="bound exp(∫μ dt)‖δθ(0)‖" if k == 0 else None)
+    ax.set(xlabel="solver time t", ylabel="distance to the reference trajectory", yscale="log",
+           title=title or "divergence of nearby trajectories")
+    _legend(ax)
+    return fig
+
+
+def spectra(eigenvalues: Mapping, *, ax: Axes | None = None) -> Figure:
+    """Eigenvalues in the complex plane, one marker set per label (e.g. "rule, start" / "rule, end");
+    symlog real axis so that small and large rates both show."""
+    fig, ax = _axes(ax)
+    markers = ["o", "x", "s", "+", "^", "v"]
+    for i, (label, values) in enumerate(eigenvalues.items()):
+        ax.scatter(values.real.cpu().numpy(), values.imag.cpu().numpy(), s=14, marker=markers[i % len(markers)],
+                   color=f"C{i // 2}", alpha=0.7, label=label)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set(xlabel="Re λ(J) (1/time)", ylabel="Im λ(J)", title="Jacobian spectra")
+    _legend(ax)
+    return fig
+
+
+def metric_ellipses(ax: Axes, centres, matrices, *, size: float, color: str = "tab:red",
+                    label: str | None = "metric ellipses δᵀMδ = r²") -> None:
+    """Draw {δ : δᵀMδ = r²} around each 2-D centre, r chosen so the largest semi-axis is ``size``."""
+    import math
+
+    import numpy as np
+    from matplotlib.patches import Ellipse
+
+    for centre, matrix in zip(centres, matrices):
+        evals, evecs = np.linalg.eigh(np.asarray(matrix, dtype=float))
+        semi = size * math.sqrt(evals[0]) / np.sqrt(evals)  # semi-axes r/√λ with r = size·√λ_min
+        angle = math.degrees(math.atan2(evecs[1, 0], evecs[0, 0]))
+        ax.add_patch(Ellipse(np.asarray(centre, dtype=float), 2 * semi[0], 2 * semi[1], angle=angle, fill=False,
+                             color=color, lw=1.2))
+    if label:
+        ax.plot([], [], color=color, lw=1.2, label=label)
+
+
+def phase_portrait(field, trajectories, *, ax: Axes | None = None, limits: float | None = None, metrics=None,
+                   density: float = 0.8) -> Figure:
+    """A 2-D system: streamlines of ``field`` (any f(t, x) on R²), the given trajectories, and optionally metric
+    ellipses — ``metrics(t, x)`` → 2 × 2 SPD matrix, drawn at four points of each trajectory."""
+    import numpy as np
+    import torch
+
+    fig, ax = _axes(ax)
+    if limits is None:
+        limits = 1.15 * max(float(tr.theta.abs().max()) for tr in trajectories)
+    grid = np.linspace(-limits, limits, 17)
+    xs, ys = np.meshgrid(grid, grid)
+    points = torch.as_tensor(np.stack([xs.ravel(), ys.ravel()], 1))
+    with torch.no_grad():
+        flow = torch.stack([field(torch.zeros(()), p) for p in points]).numpy()
+    ax.streamplot(xs, ys, flow[:, 0].reshape(xs.shape), flow[:, 1].reshape(xs.shape), color="0.75", density=density,
+                  linewidth=0.7)
+    for i, traj in enumerate(trajectories):
+        x = traj.theta.cpu().numpy()
+        ax.plot(x[:, 0], x[:, 1], lw=2, color="tab:blue", label="trajectories" if i == 0 else None)
+        if metrics is not None:
+            idx = np.linspace(0, len(x) - 1, 5).astype(int)[:-1]
+            metric_ellipses(ax, x[idx], [metrics(traj.t[j], traj.theta[j]) for j in idx], size=0.08 * limits,
+                            label="metric ellipses δᵀMδ = r²" if i == 0 else None)
+    ax.set(xlim=(-limits, limits), ylim=(-limits, limits), aspect="equal", xlabel="x₁", ylabel="x₂")
+    _legend(ax, loc="lower left")
+    return fig

@@ -53,9 +53,16 @@ def _chain_leaves(problem, rule: str):
     return tree, found
 
 
-def _uniform(shape, fan_in, generator, like):
-    """U(−1/√fan_in, 1/√fan_in): the scale torch gives Linear weights, so feedback matches the forward scale."""
-    return ((torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1) / fan_in**0.5).to(like.device)
+def _feedback_matrix(name, shape, fan_in, given, generator, problem):
+    """The given feedback matrix for module ``name``, or U(−1/√fan_in, 1/√fan_in) — the scale torch gives Linear
+    weights, so random feedback matches the forward scale."""
+    if given is None:
+        draw = torch.rand(shape, generator=generator, dtype=problem.dtype) * 2 - 1
+        return (draw / fan_in**0.5).to(problem.device)
+    matrix = torch.as_tensor(given, dtype=problem.dtype, device=problem.device)
+    if matrix.shape != shape:
+        raise ValueError(f"feedback for {name!r} must have shape {shape}, got {tuple(matrix.shape)}")
+    return matrix
 
 
 class FeedbackAlignment:
@@ -77,26 +84,28 @@ class FeedbackAlignment:
         self.feedback = {}
         for leaf in self.leaves:
             if isinstance(leaf, LinearOps):
-                given = (feedback or {}).get(leaf.prefix)
-                shape = (leaf.out_features, leaf.in_features)
-                matrix = _uniform(shape, leaf.in_features, gen, problem.theta0) if given is None else torch.as_tensor(
-                    given, dtype=problem.dtype, device=problem.device)
-                if matrix.shape != shape:
-                    raise ValueError(f"feedback for {leaf.prefix!r} must have shape {shape}, got {tuple(matrix.shape)}")
-                self.feedback[leaf.prefix] = matrix
+                self.feedback[leaf.prefix] = _feedback_matrix(
+                    leaf.prefix, (leaf.out_features, leaf.in_features), leaf.in_features,
+                    (feedback or {}).get(leaf.prefix), gen, problem)
         self.seed = seed
+
+    def _forward_and_error(self, theta):
+        """Parameters, the forward trace and the output error ∂L/∂y (B, C) at one θ."""
+        from flows.modules import _forward
+
+        params = self.problem.unflatten(theta)
+        trace: dict = {}
+        y = _forward(self.tree, self.problem.inputs, params, trace)
+        error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
+        return params, trace, error.reshape(error.shape[0], -1)
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
         """ĝ(θ): the update direction's negative (equal to ∇L when the feedback equals the weights)."""
         from flows.metrics._base import batched
-        from flows.modules import LinearOps, _forward
+        from flows.modules import LinearOps
 
         def one(th):
-            params = self.problem.unflatten(th)
-            trace: dict = {}
-            y = _forward(self.tree, self.problem.inputs, params, trace)
-            lam = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
-            lam = lam.reshape(lam.shape[0], -1)
+            params, trace, lam = self._forward_and_error(th)
             grads = []
             for leaf in reversed(self.leaves):
                 x, p = trace[id(leaf)], leaf.params(params)
@@ -136,25 +145,16 @@ class DirectFeedbackAlignment(FeedbackAlignment):
             after = self.leaves[self.leaves.index(leaf) + 1]
             if not isinstance(after, ActivationOps):
                 raise ValueError(f"DirectFeedbackAlignment needs an activation after hidden layer {leaf.prefix!r}")
-            given = (feedback or {}).get(leaf.prefix)
-            shape = (outputs, leaf.out_features)
-            matrix = _uniform(shape, outputs, gen, problem.theta0) if given is None else torch.as_tensor(
-                given, dtype=problem.dtype, device=problem.device)
-            if matrix.shape != shape:
-                raise ValueError(f"feedback for {leaf.prefix!r} must have shape {shape}, got {tuple(matrix.shape)}")
-            self.feedback[leaf.prefix] = matrix
+            self.feedback[leaf.prefix] = _feedback_matrix(leaf.prefix, (outputs, leaf.out_features), outputs,
+                                                          (feedback or {}).get(leaf.prefix), gen, problem)
         self.seed = seed
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
         from flows.metrics._base import batched
-        from flows.modules import LinearOps, _forward
+        from flows.modules import LinearOps
 
         def one(th):
-            params = self.problem.unflatten(th)
-            trace: dict = {}
-            y = _forward(self.tree, self.problem.inputs, params, trace)
-            error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
-            error = error.reshape(error.shape[0], -1)
+            params, trace, error = self._forward_and_error(th)
             grads = []
             for i, leaf in enumerate(self.leaves):
                 if not isinstance(leaf, LinearOps):

@@ -150,3 +150,11 @@ def batched(fn, theta: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
     n = theta.shape[-1]
     flat = [a.reshape(-1, n) for a in (theta, *args)]
     return torch.func.vmap(fn)(*flat).reshape(theta.shape)
+
+
+def block_diagonal_matrix(n: int, blocks, like: torch.Tensor) -> torch.Tensor:
+    """The dense N × N matrix with the given (slice, block) pairs on its diagonal and zeros elsewhere."""
+    out = torch.zeros(n, n, dtype=like.dtype, device=like.device)
+    for sl, block in blocks:
+        out[sl, sl] = block
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.metrics._base import Metric, _check_length, _positive_float, batched
+from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import NaturalGradient
 
 
@@ -40,11 +40,7 @@ class BlockDiagonal(Metric):
         return batched(self._solve_one, theta, v)
 
     def matrix(self, theta):
-        n = self.problem.num_params
-        g = torch.zeros(n, n, dtype=theta.dtype, device=theta.device)
-        for sl, block in self._blocks_dense(theta):
-            g[sl, sl] = block
-        return g
+        return block_diagonal_matrix(self.problem.num_params, self._blocks_dense(theta), theta)
 
     def describe(self):
         return {"name": "BlockDiagonal", "mu": self.mu, "blocks": [name for name, _ in self.blocks]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.metrics._base import Metric, _check_length, _positive_float, batched
+from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.layerwise import Layerwise
 from flows.modules import LinearOps
 
@@ -77,20 +77,19 @@ class KFAC(Metric):
         return batched(self._solve_one, theta, v)
 
     def matrix(self, theta):
-        n = self.problem.num_params
-        g = torch.zeros(n, n, dtype=theta.dtype, device=theta.device)
         factors = self.factors(theta)
+        blocks = []
         for name, sl in self.blocks:
             f = factors[name]
             size = sl.stop - sl.start
             if f is None:
-                g[sl, sl] = self.damping * torch.eye(size, dtype=theta.dtype, device=theta.device)
+                blocks.append((sl, self.damping * torch.eye(size, dtype=theta.dtype, device=theta.device)))
                 continue
             s, a, leaf = f
             # kron acts on the row-major [W | b] matrix; map its entries to θ's layout (W row-major, then b)
             order = self._from_matrix(leaf, torch.arange(size, device=theta.device).reshape(s.shape[0], -1))
-            g[sl, sl] = torch.kron(s, a)[order][:, order]
-        return g
+            blocks.append((sl, torch.kron(s, a)[order][:, order]))
+        return block_diagonal_matrix(self.problem.num_params, blocks, theta)
 
     def describe(self):
         return {"name": "KFAC", "damping": self.damping}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.metrics._base import Metric, _check_length, _positive_float, batched
+from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import NaturalGradient, select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
 from flows.modules import LinearOps, _backward, _forward, leaves, structure
@@ -209,13 +209,10 @@ class Layerwise(Metric):
         return torch.diag(mass) if mass is not None else self.mu * _eye(n, like)
 
     def matrix(self, theta):
-        n = self.problem.num_params
-        g = torch.zeros(n, n, dtype=theta.dtype, device=theta.device)
         factors = self.block_factors(theta)
-        for name, sl, _ in self.blocks:
-            k = factors[name]
-            g[sl, sl] = k.T @ k + self._mass_matrix(name, k.shape[1], theta)
-        return g
+        return block_diagonal_matrix(self.problem.num_params, [
+            (sl, factors[name].T @ factors[name] + self._mass_matrix(name, sl.stop - sl.start, theta))
+            for name, sl, _ in self.blocks], theta)
 
     def _apply_one(self, theta, v):
         factors = self.block_factors(theta)
