@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         print(f"timing MLP {'-'.join(map(str, sizes))}, batch {batch} …", flush=True)
         rows.append(run_config(sizes, batch, repeats, run_dense=True))
     widths = [16, 32, 64] if args.quick else [32, 64, 128, 256, 512, 1024, 2048]
-    dense_widths = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64]
+    dense_widths = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64, 80, 96]
     print("width sweep …", flush=True)
     sweep, dense_sweep, exponents, tail = width_sweep(widths, dense_widths, batch=32 if not args.quick else 8,
                                                 repeats=max(3, repeats // 3))

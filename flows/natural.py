@@ -166,6 +166,8 @@ def recover(field, problem, traj, *, window: float | None = None, grad=None, ste
             residual (no metric exists).
     """
     if window is not None:
+        if grad is not None:
+            raise ValueError("give either window= (the windowed loss's gradient) or grad=, not both")
         windowed = windowed_loss(field, problem, window, steps)
 
         def grad(t, theta):

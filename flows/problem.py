@@ -216,11 +216,3 @@ class Problem:
         y = self.outputs(theta, inputs)
         t = self.targets if targets is None else torch.as_tensor(targets, device=self.device)
         return (y.argmax(-1) == t).to(self.dtype).mean(-1)
-
-    def subset(self, indices) -> Problem:
-        """The same model and loss on the samples ``indices`` (shares θ layout and ``theta0``)."""
-        other = object.__new__(Problem)
-        other.__dict__.update(self.__dict__)
-        idx = torch.as_tensor(indices, device=self.device)
-        other.inputs, other.targets = self.inputs[idx], self.targets[idx]
-        return other
