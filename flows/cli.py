@@ -225,11 +225,25 @@ def _run_figures(args) -> int:
     return 0
 
 
-def _positive_int_list(text: str) -> int:
+def _positive_width(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"layer widths must be positive, got {value}")
     return value
+
+
+def _add_flow_flags(parser, *, t_end: float, metric_batch: int, rtol, atol, quiet_help: str = "no progress bars"):
+    """The flags every digits-MLP subcommand shares: network, damping, metric batch, time span, tolerances, seed."""
+    parser.add_argument("--hidden", type=_positive_width, nargs="+", default=[32], help="hidden widths")
+    parser.add_argument("--mu", type=float, default=1e-2, help="damping μ (γ for K-FAC) of the curvature metrics")
+    parser.add_argument("--metric-batch", type=int, default=metric_batch,
+                        help="samples in the curvature metrics (default: %(default)s)")
+    parser.add_argument("--t-end", type=float, default=t_end, help="simulated time span (default: %(default)s)")
+    parser.add_argument("--points", type=int, default=41, help="output times (default: %(default)s)")
+    parser.add_argument("--rtol", type=float, default=rtol)
+    parser.add_argument("--atol", type=float, default=atol)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,16 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "κ_min of feedback alignment); write figures, summary.json, summary.md and "
                                       "the trajectories.")
     demo.add_argument("--out", default="flows-out", help="output folder (default: %(default)s)")
-    demo.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
-    demo.add_argument("--t-end", type=float, default=20.0, help="simulated time span (default: %(default)s)")
-    demo.add_argument("--points", type=int, default=41, help="output times (default: %(default)s)")
     demo.add_argument("--lanczos-tol", type=float, default=1e-4, help="tolerance of the contraction-rate eigsh")
-    demo.add_argument("--mu", type=float, default=1e-2, help="natural-gradient damping μ")
-    demo.add_argument("--metric-batch", type=int, default=32, help="samples in the metric (d = 10 × this)")
-    demo.add_argument("--rtol", type=float, default=1e-6)
-    demo.add_argument("--atol", type=float, default=1e-8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_flow_flags(demo, t_end=20.0, metric_batch=32, rtol=1e-6, atol=1e-8)
     demo.set_defaults(run=_run_demo)
 
     cmp = sub.add_parser("compare", help="compare learning rules by their action on the digits MLP",
@@ -261,19 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "each one's action, gap and length in a reference metric, and print and "
                                      "save the table (compare.md, compare.json).")
     cmp.add_argument("--out", default="flows-out", help="output folder (default: %(default)s)")
-    cmp.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
     cmp.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
     cmp.add_argument("--reference", choices=METRICS, default="euclidean",
                      help="the metric G in which the action is measured (default: %(default)s)")
-    cmp.add_argument("--t-end", type=float, default=10.0)
-    cmp.add_argument("--points", type=int, default=41)
     cmp.add_argument("--level", type=float, default=0.5, help="loss level for the time-to-reach column")
-    cmp.add_argument("--mu", type=float, default=1e-2, help="damping of the curvature metrics")
-    cmp.add_argument("--metric-batch", type=int, default=64, help="samples in the curvature metrics")
-    cmp.add_argument("--rtol", type=float, default=1e-6)
-    cmp.add_argument("--atol", type=float, default=1e-8)
-    cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_flow_flags(cmp, t_end=10.0, metric_batch=64, rtol=1e-6, atol=1e-8)
     cmp.set_defaults(run=_run_compare)
 
     figs = sub.add_parser("figures", help="regenerate every figure under figures/ from the examples",
@@ -285,21 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="one gradient flow of an MLP on digits, saved as .npz",
                          description="Simulate one gradient flow of a tanh MLP on the bundled digits data.")
-    sim.add_argument("--hidden", type=_positive_int_list, nargs="+", default=[32], help="hidden widths")
     sim.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
     sim.add_argument("--metric", choices=METRICS, default="euclidean")
-    sim.add_argument("--mu", type=float, default=1e-2, help="damping μ (γ for K-FAC) of the curvature metrics")
-    sim.add_argument("--metric-batch", type=int, default=32, help="samples in the curvature metrics")
     sim.add_argument("--method", default="dopri5", help="any torchdiffeq method (default: %(default)s)")
-    sim.add_argument("--rtol", type=float, default=None)
-    sim.add_argument("--atol", type=float, default=None)
     sim.add_argument("--step-size", type=float, default=None, help="step size for fixed-grid methods")
-    sim.add_argument("--t-end", type=float, default=20.0)
-    sim.add_argument("--points", type=int, default=41)
     sim.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
-    sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--output", "-o", default="flows-out/trajectory.npz", help="where to save the trajectory")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_flow_flags(sim, t_end=20.0, metric_batch=32, rtol=None, atol=None, quiet_help="no progress bar")
     sim.set_defaults(run=_run_simulate)
     return parser
 
