@@ -5,7 +5,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import action, contraction, data, events, metrics, modules, plot, rules
+from flows import action, contraction, data, events, metrics, modules, natural, plot, rules
 from flows.errors import FlowDivergedError, NotEffectiveError
 from flows.problem import Block, Problem
 from flows.simulate import simulate
@@ -23,6 +23,7 @@ __all__ = [
     "events",
     "metrics",
     "modules",
+    "natural",
     "plot",
     "rules",
     "simulate",

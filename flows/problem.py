@@ -9,7 +9,7 @@ and batch over an ensemble of parameter vectors with :func:`torch.func.vmap`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,9 @@ class Problem:
         data: a pair ``(inputs, targets)``, used as one full batch.
         dtype: floating dtype of θ and of the computation (float64 by default).
         device: where everything runs; by default the device of the model's parameters.
+        eval_data: named held-out sets ``{"test": (inputs, targets), …}`` (any number). They never enter
+            L(θ) or ∇L(θ); :meth:`evaluate` measures the loss — and, for classification, the accuracy — on
+            each, with forward passes only, and simulations record them at every output time.
 
     Attributes:
         theta0: the model's current parameters as one flat vector (a copy).
@@ -96,6 +99,7 @@ class Problem:
         *,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        eval_data=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -122,6 +126,7 @@ class Problem:
         self.inputs = self._to_device(inputs)
         self.targets = self._to_device(targets)
         self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
+        self.eval_data = self._eval_sets(eval_data)
 
         self._names = tuple(params)
         self._shapes = tuple(p.shape for p in params.values())
@@ -129,6 +134,30 @@ class Problem:
         self.theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(self.device, dtype)
         self.num_params = int(self.theta0.numel())
         self.blocks = self._make_blocks()
+
+    def _eval_sets(self, eval_data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if eval_data is None:
+            return {}
+        if not isinstance(eval_data, Mapping):
+            raise TypeError(f"eval_data must map names to (inputs, targets) pairs, got {type(eval_data).__name__}")
+        sets = {}
+        for name, pair in eval_data.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"eval_data names must be non-empty strings, got {name!r}")
+            try:
+                inputs, targets = _as_batch_pair(pair)
+            except ValueError as exc:
+                raise ValueError(f"eval set {name!r}: {exc}") from None
+            if inputs.shape[1:] != self.inputs.shape[1:]:
+                raise ValueError(f"eval set {name!r} has inputs of shape {tuple(inputs.shape[1:])} per sample, "
+                                 f"the training data {tuple(self.inputs.shape[1:])}")
+            if targets.shape[1:] != self.targets.shape[1:] or targets.dtype.is_floating_point != \
+                    self.targets.dtype.is_floating_point:
+                raise ValueError(f"eval set {name!r} has targets of shape {tuple(targets.shape[1:])} and dtype "
+                                 f"{targets.dtype} per sample, the training data {tuple(self.targets.shape[1:])} "
+                                 f"and {self.targets.dtype}")
+            sets[name] = (self._to_device(inputs), self._to_device(targets))
+        return sets
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
@@ -210,6 +239,25 @@ class Problem:
         """(L(θ), ∇L(θ)) from one forward and one backward pass."""
         g, value = self._batched(grad_and_value(self._loss), theta)
         return value, g
+
+    @property
+    def is_classification(self) -> bool:
+        """Integer class targets: accuracy is defined (argmax of the outputs against the label)."""
+        return not self.targets.dtype.is_floating_point and not self.targets.dtype.is_complex
+
+    def evaluate(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss (and accuracy, for classification) on every named eval set: ``{"test_loss": …,
+        "test_accuracy": …}``. θ of shape (N,) gives scalars, (E, N) gives E values. Forward passes only."""
+        out = {}
+        for name, (inputs, targets) in self.eval_data.items():
+            outputs = self.outputs(theta, inputs)
+            if theta.ndim == 1:
+                out[f"{name}_loss"] = self.loss_fn(outputs, targets)
+            else:
+                out[f"{name}_loss"] = vmap(lambda y, targets=targets: self.loss_fn(y, targets))(outputs)
+            if self.is_classification:
+                out[f"{name}_accuracy"] = (outputs.argmax(-1) == targets).to(self.dtype).mean(-1)
+        return out
 
     def accuracy(self, theta: torch.Tensor, inputs=None, targets=None) -> torch.Tensor:
         """Fraction of argmax predictions equal to integer class targets (classification problems)."""

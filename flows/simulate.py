@@ -282,8 +282,9 @@ def simulate(
     if action is not None:
         traj.action = states[..., n:].detach()
         metadata["action_metric"] = _describe(action)
+    traj.field, traj.problem = field, problem
     if record and problem is not None:
-        traj.loss, traj.grad_norm = measure(problem, traj.theta if observe is None else observe(traj.theta))
+        record_measurements(traj, problem, traj.theta if observe is None else observe(traj.theta))
     return traj
 
 
@@ -324,6 +325,22 @@ def _solve_with_event(monitored, theta0, t, event, solver):
         states.append(solution[-1])
         return torch.stack(times), torch.stack(states), True
     return torch.stack(times), torch.stack(states), False
+
+
+def record_measurements(traj: Trajectory, problem, theta: torch.Tensor) -> None:
+    """Fill ``traj.loss``, ``traj.grad_norm`` and ``traj.metrics`` (every named eval set of the problem) at the
+    states ``theta`` (T, [E,] N). Shared by every integrator, so all trajectories carry the same measurements."""
+    traj.loss, traj.grad_norm = measure(problem, theta)
+    traj.metrics = measure_eval(problem, theta)
+
+
+def measure_eval(problem, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:meth:`flows.Problem.evaluate` at every state of a (T, N) or (T, E, N) stack, stacked over T."""
+    if not getattr(problem, "eval_data", None):
+        return {}
+    with torch.no_grad():
+        rows = [problem.evaluate(state) for state in theta]
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]} if rows else {}
 
 
 def measure(problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,12 +393,13 @@ def _diverged(monitored, bad: _NonFinite, theta0, field, problem, record, solver
     states = torch.stack([k[1].detach() for k in kept])[..., :theta0.shape[-1]]  # drop action accumulators
     stats = _stats(monitored, float("nan"), monitored.callbacks)
     stats["diverged_at"] = bad.t
-    traj = Trajectory(times, states, stats=stats, metadata=_metadata(field, problem, solver, None))
+    traj = Trajectory(times, states, stats=stats, metadata=_metadata(field, problem, solver, None),
+                      field=field, problem=problem)
     observe = getattr(field, "theta_of", None)
     if record and problem is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traj.loss, traj.grad_norm = measure(problem, traj.theta if observe is None else observe(traj.theta))
+            record_measurements(traj, problem, traj.theta if observe is None else observe(traj.theta))
     last_t = float(times[-1])
     return FlowDivergedError(
         f"{bad.reason} at t={bad.t:.6g}; the last finite state is at t={last_t:.6g} "

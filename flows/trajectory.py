@@ -7,9 +7,10 @@ Arrays round-trip exactly (bit for bit).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from flows._io import atomic_path
 
 _ARRAYS = ("t", "theta", "loss", "grad_norm", "action")
+_METRIC_PREFIX = "metric:"
 
 
 @dataclass
@@ -33,6 +35,11 @@ class Trajectory:
             ``rejected``, ``wall_time`` (s), ``stopped_by_event`` (bool), ``nfe_at_output`` (evaluations
             spent by each output time: counted when the solver's step first passes it; the last is ``nfe``).
         metadata: JSON-serialisable description — rule, metric, solver, tolerances, versions.
+        metrics: what was measured on the problem's named eval sets at every output time, e.g.
+            ``{"test_loss": (T,), "test_accuracy": (T,)}`` ((T, E) for ensembles); see
+            :meth:`flows.Problem.evaluate`. Saved and reloaded exactly.
+        field, problem: the vector field (or update) and the problem that produced the trajectory, kept in
+            memory so analyses need nothing more; not saved (None after :meth:`load`).
         action: with ``simulate(..., action=G)``, the running integrals (T, [E,] 4) of ½θ̇ᵀGθ̇, ½∇LᵀG⁻¹∇L,
             ½‖θ̇ + G⁻¹∇L‖²_G and ‖θ̇‖_G accumulated inside the solve (see :mod:`flows.action`).
     """
@@ -41,9 +48,12 @@ class Trajectory:
     theta: torch.Tensor
     loss: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)
-    metadata: dict = field(default_factory=dict)
+    stats: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
     action: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    field: object = dataclasses.field(default=None, repr=False, compare=False)
+    problem: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -65,7 +75,8 @@ class Trajectory:
             return None if a is None else a[:, i]
 
         return Trajectory(self.t, self.theta[:, i], pick(self.loss), pick(self.grad_norm),
-                          dict(self.stats), {**self.metadata, "member": i}, pick(self.action))
+                          dict(self.stats), {**self.metadata, "member": i}, pick(self.action),
+                          {key: pick(value) for key, value in self.metrics.items()}, self.field, self.problem)
 
     def __repr__(self) -> str:
         shape = "×".join(str(s) for s in self.theta.shape)
@@ -82,6 +93,7 @@ class Trajectory:
                   if getattr(self, name) is not None}
         header = {"stats": self.stats, "metadata": self.metadata,
                   "dtype": str(self.theta.dtype).removeprefix("torch.")}
+        arrays.update({_METRIC_PREFIX + key: value.detach().cpu().numpy() for key, value in self.metrics.items()})
         arrays["header"] = np.array(json.dumps(header, default=_jsonable))
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -93,7 +105,9 @@ class Trajectory:
         with np.load(Path(path), allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             arrays = {name: torch.from_numpy(data[name].copy()) if name in data else None for name in _ARRAYS}
-        return cls(stats=header["stats"], metadata=header["metadata"], **arrays)
+            metrics = {name.removeprefix(_METRIC_PREFIX): torch.from_numpy(data[name].copy())
+                       for name in data.files if name.startswith(_METRIC_PREFIX)}
+        return cls(stats=header["stats"], metadata=header["metadata"], metrics=metrics, **arrays)
 
 
 def _jsonable(obj):
