@@ -2,27 +2,127 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
+from flows._io import atomic_path
 
-def digits(n: int | None = None, *, seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1 797 8×8 handwritten digits of scikit-learn (bundled), pixels scaled to [0, 1].
+SPLITS = (None, "train", "test")
 
-    Returns ``(inputs, labels)``: inputs (n, 64) of ``dtype``, integer labels (n,) in 0…9. With ``n``, a
-    fixed random subset of n samples drawn with ``seed``.
+
+def _check_split(split) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be None (all samples), 'train' or 'test', got {split!r}")
+
+
+def digits(n: int | None = None, *, split: str | None = None, test_fraction: float = 0.25, seed: int = 0,
+           images: bool = False, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1 797 8×8 handwritten digits of scikit-learn (bundled, no download), pixels scaled to [0, 1].
+
+    Source: the UCI optical recognition of handwritten digits test set (Alpaydin & Kaynak 1998) as shipped by
+    scikit-learn (``sklearn.datasets.load_digits``, BSD-3-Clause package; the data are CC BY 4.0).
+
+    Returns ``(inputs, labels)``: inputs (n, 64) of ``dtype`` — or (n, 1, 8, 8) with ``images=True`` — and
+    integer labels (n,) in 0…9.
+
+    Args:
+        n: a fixed random subset of n samples (of the split), drawn with ``seed``.
+        split: None for all 1 797 samples; ``"train"`` / ``"test"`` for a fixed stratified split (every class
+            keeps its share; ``test_fraction`` of each class, rounded, goes to the test set). The split does not
+            depend on ``seed``, so the test set is the same whatever subset is trained on: 1 347 train and 450
+            test samples at the default fraction.
     """
     from sklearn.datasets import load_digits
 
+    _check_split(split)
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     x, y = load_digits(return_X_y=True)
     inputs = torch.as_tensor(x, dtype=dtype) / 16.0
     labels = torch.as_tensor(y, dtype=torch.long)
+    if split is not None:
+        inputs, labels = _stratified(inputs, labels, split, test_fraction)
     if n is not None:
         if not 1 <= n <= len(labels):
             raise ValueError(f"n must be between 1 and {len(labels)}, got {n}")
         idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
         inputs, labels = inputs[idx], labels[idx]
+    if images:
+        inputs = inputs.reshape(-1, 1, 8, 8)
     return inputs, labels
+
+
+def _stratified(inputs, labels, split, test_fraction, split_seed: int = 0):
+    """A fixed stratified split: within each class a seeded permutation, the first round(f·n_c) are test."""
+    gen = torch.Generator().manual_seed(split_seed)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).reshape(-1)
+        members = members[torch.randperm(len(members), generator=gen)]
+        test[members[:round(test_fraction * len(members))]] = True
+    keep = test if split == "test" else ~test
+    return inputs[keep], labels[keep]
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are cached: ``$FLOWS_CACHE_DIR``, else ``~/.cache/riemannian-flows``."""
+    return Path(os.environ.get("FLOWS_CACHE_DIR") or Path.home() / ".cache" / "riemannian-flows").expanduser()
+
+
+def mnist1d(*, split: str = "train", seed: int = 42, channel: bool = False, dtype=torch.float64,
+            cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-1D (Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024), generated offline.
+
+    The ``mnist1d`` package (Apache-2.0) builds the data procedurally from ten 1-D digit templates (padding,
+    shear, translation, correlated and i.i.d. noise) with its default arguments and ``seed`` (42 is the
+    package's default, the published data set): 5 000 sequences of length 40, 4 000 train and 1 000 test,
+    ten classes, standardised to mean 0 and standard deviation 1. Nothing is downloaded: the package's
+    ``make_dataset`` runs locally (about 2 s) and the result is cached under :func:`cache_dir` (written
+    atomically) for later calls. The global ``random``/``numpy`` generators the package seeds are restored.
+
+    Returns ``(inputs, labels)``: inputs (n, 40), or (n, 1, 40) with ``channel=True`` (for Conv1d), of
+    ``dtype``; integer labels (n,) in 0…9.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = cache_dir() / f"mnist1d-seed{int(seed)}.npz"
+    data = None
+    if cache and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                data = {key: stored[key] for key in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            data = None  # a damaged cache file is regenerated
+    if data is None:
+        data = _generate_mnist1d(int(seed))
+        if cache:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **data)
+    x, y = (data["x"], data["y"]) if split == "train" else (data["x_test"], data["y_test"])
+    inputs = torch.as_tensor(np.asarray(x), dtype=dtype)
+    if channel:
+        inputs = inputs[:, None, :]
+    return inputs, torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
+def _generate_mnist1d(seed: int) -> dict[str, np.ndarray]:
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - the package seeds the legacy global
+    try:
+        made = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+    return {key: np.asarray(made[key]) for key in ("x", "y", "x_test", "y_test")}
 
 
 def mlp(sizes: list[int] | tuple[int, ...], *, activation: type[nn.Module] = nn.Tanh, seed: int = 0,
@@ -84,11 +184,15 @@ def quadratic(A, theta0, *, dtype=torch.float64):
     return function_problem(quadratic_loss, theta0, dtype=dtype)
 
 
-def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed: int = 0, dtype=torch.float64):
+def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed: int = 0, split: str | None = None,
+                    n_test: int | None = None, dtype=torch.float64):
     """Regression data from a random teacher network: inputs x ~ N(0, I), targets = teacher(x) + noise·ε.
 
-    ``sizes`` are the teacher's layer widths (tanh hidden layers). Returns (inputs, targets).
+    ``sizes`` are the teacher's layer widths (tanh hidden layers). Returns (inputs, targets): n samples, or
+    with ``split="test"`` ``n_test`` samples (default n) drawn independently from the same teacher and noise
+    (the same teacher for a seed, whatever the split). Synthetic: no source or licence.
     """
+    _check_split(split)
     gen = torch.Generator().manual_seed(seed)
     teacher = mlp(sizes, seed=seed + 1, dtype=dtype)
     with torch.no_grad():
@@ -96,4 +200,11 @@ def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed
             p.mul_(2.0)  # a teacher well outside the linear regime
         x = torch.randn(n, sizes[0], generator=gen, dtype=dtype)
         y = teacher(x) + noise * torch.randn(n, sizes[-1], generator=gen, dtype=dtype)
+        if split == "test":
+            test_gen = torch.Generator().manual_seed(seed + 1_000_003)  # independent of the training draw
+            m = n if n_test is None else int(n_test)
+            if m < 1:
+                raise ValueError(f"n_test must be at least 1, got {n_test}")
+            x = torch.randn(m, sizes[0], generator=test_gen, dtype=dtype)
+            y = teacher(x) + noise * torch.randn(m, sizes[-1], generator=test_gen, dtype=dtype)
     return x, y
