@@ -1,4 +1,8 @@
-"""Bundled data: scikit-learn's digits (shipped inside the package, no download) and small synthetic sets."""
+"""Data sets with train/test splits, all offline: scikit-learn's digits (shipped inside scikit-learn), MNIST-1D
+(generated locally by the ``mnist1d`` package and cached), teacher–student regression and small synthetic problems.
+
+Nothing here touches the network. Each data set's docstring states its source, size and licence.
+"""
 
 from __future__ import annotations
 
@@ -188,9 +192,13 @@ def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed
                     n_test: int | None = None, dtype=torch.float64):
     """Regression data from a random teacher network: inputs x ~ N(0, I), targets = teacher(x) + noise·ε.
 
-    ``sizes`` are the teacher's layer widths (tanh hidden layers). Returns (inputs, targets): n samples, or
-    with ``split="test"`` ``n_test`` samples (default n) drawn independently from the same teacher and noise
-    (the same teacher for a seed, whatever the split). Synthetic: no source or licence.
+    The teacher is ``mlp(sizes, seed=seed + 1)`` (tanh hidden layers, torch's default initialisation) with every
+    weight and bias doubled, so that it works outside its linear regime; ε ~ N(0, I).
+
+    Returns (inputs, targets) of shapes (n, sizes[0]) and (n, sizes[-1]): the training set for ``split`` None
+    or ``"train"``; with ``split="test"``, ``n_test`` samples (default n) drawn independently of the training
+    draw from the same teacher and noise level (the teacher depends on ``seed`` only, never on the split).
+    Synthetic (generated here): no source or licence.
     """
     _check_split(split)
     gen = torch.Generator().manual_seed(seed)

@@ -126,7 +126,6 @@ class Problem:
         self.inputs = self._to_device(inputs)
         self.targets = self._to_device(targets)
         self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
-        self.eval_data = self._eval_sets(eval_data)
 
         self._names = tuple(params)
         self._shapes = tuple(p.shape for p in params.values())
@@ -134,6 +133,10 @@ class Problem:
         self.theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(self.device, dtype)
         self.num_params = int(self.theta0.numel())
         self.blocks = self._make_blocks()
+        if self.batch_size == 0:
+            raise ValueError("the training data is empty (0 samples)")
+        self._check_labels(self.targets, "the training data")
+        self.eval_data = self._eval_sets(eval_data)
 
     def _eval_sets(self, eval_data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if eval_data is None:
@@ -156,8 +159,27 @@ class Problem:
                 raise ValueError(f"eval set {name!r} has targets of shape {tuple(targets.shape[1:])} and dtype "
                                  f"{targets.dtype} per sample, the training data {tuple(self.targets.shape[1:])} "
                                  f"and {self.targets.dtype}")
+            if inputs.shape[0] == 0:
+                raise ValueError(f"eval set {name!r} is empty (0 samples)")
+            self._check_labels(targets, f"eval set {name!r}")
             sets[name] = (self._to_device(inputs), self._to_device(targets))
         return sets
+
+    def _check_labels(self, targets: torch.Tensor, where: str) -> None:
+        """Class labels of a classification problem must lie in 0…C−1, C the width of the model's output
+        (read from one forward pass of a single training sample at θ₀)."""
+        if not self.is_classification or targets.ndim != 1 or targets.numel() == 0:
+            return
+        with torch.no_grad():
+            out = self._outputs(self.theta0, self.inputs[:1])
+        if out.ndim != 2:
+            return
+        classes = int(out.shape[-1])
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where} has class label {bad}, outside 0…{classes - 1} (the model has {classes} "
+                             "outputs)")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
