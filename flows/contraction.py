@@ -293,13 +293,20 @@ def compose(field_or_jacobian, theta: torch.Tensor | None = None, blocks=None, m
 
 @dataclass
 class Stability:
-    """Sensitivity of a learning flow to replacing one training sample, over data-set sizes n.
+    """Sensitivity of a learning flow to replacing one training sample, and its generalisation gap, over sizes n.
 
     ``sup_distance[i]`` = sup_t ‖θ_S(t) − θ_S'(t)‖ and ``heldout_change[i]`` = sup_t |L_test(θ_S(t)) − L_test(θ_S'(t))|
     at ``sizes[i]``; ``exponents`` are the fitted slopes of their logs against log n (the seed's bound predicts
     O(n^{-1/2}) for its constants). ``ingredients`` lists per n the bound's inputs measured at θ₀: the gradient's
     Lipschitz constant (largest |eigenvalue| of the Hessian, by Lanczos), the mass μ and the largest inner
     condition number ξ of a layerwise metric (None for other metrics).
+
+    The generalisation gap (MATH.md §7) is measured on the same runs: ``gap_curves[i]`` is
+    L_test(θ_S(t)) − L_S(θ_S(t)) at every output time, averaged over the ``draws`` independent data sets S of size
+    n; ``train_loss[i]``, ``test_loss[i]`` and ``gap[i]`` are the values at the final time. ``exponents["gap"]``
+    is the slope of log gap against log n over the sizes where the mean gap is positive (NaN if fewer than two),
+    to be read beside ``bound_exponent`` = −1/2, the rate of the seed's bound O(κ²L/(ξμ√n)) (uniform stability ε
+    bounds the expected gap, Bousquet & Elisseeff 2002; Hardt, Recht & Singer 2016).
     """
 
     sizes: list[int]
@@ -307,6 +314,19 @@ class Stability:
     heldout_change: list[float]
     exponents: dict
     ingredients: list[dict]
+    train_loss: list[float]
+    test_loss: list[float]
+    gap: list[float]
+    gap_curves: list[list[float]]
+    t: list[float]
+    draws: int = 1
+    bound_exponent: float = -0.5
+
+    def rows(self) -> list[dict]:
+        """One row per n: sensitivity, held-out change, train and test loss at the end, and the gap."""
+        return [{"n": n, "sup_distance": d, "heldout_change": c, "train_loss": tr, "test_loss": te, "gap": g}
+                for n, d, c, tr, te, g in zip(self.sizes, self.sup_distance, self.heldout_change, self.train_loss,
+                                              self.test_loss, self.gap)]
 
 
 def hessian_norm(problem, theta: torch.Tensor, tol: float = 1e-8) -> float:
@@ -320,9 +340,10 @@ def hessian_norm(problem, theta: torch.Tensor, tol: float = 1e-8) -> float:
     return float(np.abs(eigsh(op, k=1, which="LM", tol=tol, return_eigenvectors=False)).max())
 
 
-def stability_experiment(model, loss, data, sizes, t, *, metric=None, heldout=None, seed: int = 0,
+def stability_experiment(model, loss, data, sizes, t, *, metric=None, heldout=None, seed: int = 0, draws: int = 1,
                          progress: bool = True, **simulate_kwargs) -> Stability:
-    """Train one flow on data sets S, S' of size n that differ in one sample, for each n in ``sizes``.
+    """Train one flow on data sets S, S' of size n that differ in one sample, for each n in ``sizes``, and
+    measure the generalisation gap L_test(θ_S(t)) − L_S(θ_S(t)) along the same runs (MATH.md §5, §7).
 
     Args:
         model, loss: as for :class:`flows.Problem`; every run starts from the model's θ₀.
@@ -331,40 +352,69 @@ def stability_experiment(model, loss, data, sizes, t, *, metric=None, heldout=No
             is given.
         t: output times of each simulation.
         metric: a function problem → metric (default Euclidean gradient flow).
+        draws: independent data sets S per n for the gap (draw k shuffles the pool with ``seed + k``; draw 0 is
+            the S of the sensitivity runs). The gap of one draw is noisy (its spread is of the order of the
+            sampling error of the training loss, ~ n^{-1/2}); its mean over draws estimates the expected gap.
+
+    The test loss is recorded by the simulation itself (``Problem(eval_data={"test": held-out})``). Cost per n:
+    (1 + draws) simulations and one Lanczos run on Hessian–vector products.
     """
     from flows.metrics import Euclidean
     from flows.problem import Problem
     from flows.rules import GradientFlow
     from flows.simulate import simulate
 
-    inputs, targets = data
-    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
-    inputs, targets = torch.as_tensor(inputs)[order], torch.as_tensor(targets)[order]
+    if int(draws) < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
+    pool_inputs, pool_targets = torch.as_tensor(data[0]), torch.as_tensor(data[1])
     largest = max(sizes)
-    if len(inputs) < largest + 2 and heldout is None:
-        raise ValueError(f"the pool has {len(inputs)} samples; sizes up to {largest} need at least {largest + 2} "
+    if len(pool_inputs) < largest + 2 and heldout is None:
+        raise ValueError(f"the pool has {len(pool_inputs)} samples; sizes up to {largest} need at least {largest + 2} "
                          "(S, the replacement, and a held-out set)")
-    test = Problem(model, loss, heldout if heldout is not None else (inputs[largest + 1:], targets[largest + 1:]))
+
+    def shuffled(k):
+        order = torch.randperm(len(pool_inputs), generator=torch.Generator().manual_seed(seed + k))
+        inputs, targets = pool_inputs[order], pool_targets[order]
+        return inputs, targets, heldout if heldout is not None else (inputs[largest + 1:], targets[largest + 1:])
+
     make_metric = metric if metric is not None else (lambda problem: Euclidean())
     simulate_kwargs.setdefault("progress", False)
-    distances, changes, ingredients = [], [], []
+    distances, changes, ingredients, gap_curves, train_ends, test_ends = [], [], [], [], [], []
+    pools = [shuffled(k) for k in range(int(draws))]
+    inputs, targets, test = pools[0]
     for n in sizes:
         swapped = torch.cat([torch.tensor([n]), torch.arange(1, n)])
-        problem = Problem(model, loss, (inputs[:n], targets[:n]))
-        other = Problem(model, loss, (inputs[swapped], targets[swapped]))
+        problem = Problem(model, loss, (inputs[:n], targets[:n]), eval_data={"test": test})
+        other = Problem(model, loss, (inputs[swapped], targets[swapped]), eval_data={"test": test})
         metric_s, metric_o = make_metric(problem), make_metric(other)
         run_s = simulate(GradientFlow(problem, metric_s), problem.theta0, t, **simulate_kwargs)
         run_o = simulate(GradientFlow(other, metric_o), problem.theta0, t, **simulate_kwargs)
         distances.append(float((run_s.theta - run_o.theta).norm(dim=-1).max()))
-        changes.append(float((test.loss(run_s.theta) - test.loss(run_o.theta)).abs().max()))
+        changes.append(float((run_s.metrics["test_loss"] - run_o.metrics["test_loss"]).abs().max()))
+        runs = [run_s]
+        for k_inputs, k_targets, k_test in pools[1:]:
+            drawn = Problem(model, loss, (k_inputs[:n], k_targets[:n]), eval_data={"test": k_test})
+            runs.append(simulate(GradientFlow(drawn, make_metric(drawn)), drawn.theta0, t, **simulate_kwargs))
+        gap_curves.append(torch.stack([run.metrics["test_loss"] - run.loss for run in runs]).mean(0))
         xi = None
         if hasattr(metric_s, "diagnostics"):
             xi = max(row["xi"] for row in metric_s.diagnostics(problem.theta0))
         ingredients.append({"n": n, "gradient_lipschitz": hessian_norm(problem, problem.theta0),
                             "mu": getattr(metric_s, "mu", None), "xi": xi})
+        train_ends.append(float(torch.stack([run.loss[-1] for run in runs]).mean()))
+        test_ends.append(float(torch.stack([run.metrics["test_loss"][-1] for run in runs]).mean()))
         if progress:
-            print(f"  n = {n}: sup‖Δθ‖ = {distances[-1]:.3e}, held-out change {changes[-1]:.3e}", flush=True)
+            print(f"  n = {n}: sup‖Δθ‖ = {distances[-1]:.3e}, held-out change {changes[-1]:.3e}, "
+                  f"gap L_test − L_train = {float(gap_curves[-1][-1]):+.3e}", flush=True)
     logn = np.log(np.asarray(sizes, dtype=float))
+    gaps = np.array([float(curve[-1]) for curve in gap_curves])
+    positive = gaps > 0
+    gap_exponent = float(np.polyfit(logn[positive], np.log(gaps[positive]), 1)[0]) if positive.sum() >= 2 \
+        else float("nan")
     exponents = {"distance": float(np.polyfit(logn, np.log(distances), 1)[0]),
-                 "heldout": float(np.polyfit(logn, np.log(np.maximum(changes, 1e-300)), 1)[0])}
-    return Stability(list(sizes), distances, changes, exponents, ingredients)
+                 "heldout": float(np.polyfit(logn, np.log(np.maximum(changes, 1e-300)), 1)[0]),
+                 "gap": gap_exponent}
+    return Stability(list(sizes), distances, changes, exponents, ingredients,
+                     train_loss=train_ends, test_loss=test_ends, gap=gaps.tolist(),
+                     gap_curves=[curve.tolist() for curve in gap_curves],
+                     t=torch.as_tensor(t).tolist(), draws=int(draws))

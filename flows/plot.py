@@ -23,33 +23,57 @@ def _axes(ax: Axes | None, figsize=(6.0, 4.0)) -> tuple[Figure, Axes]:
 
 
 def loss_curves(trajectories: Mapping[str, Trajectory], *, ax: Axes | None = None,
-                x: str = "time") -> Figure:
+                x: str = "time", test: str | None = "test") -> Figure:
     """Loss against solver time (``x="time"``) or against vector-field evaluations (``x="nfe"``, from
     ``stats["nfe_at_output"]``), log scale, one curve per labelled trajectory (ensembles: one faint curve per
-    member)."""
+    member). Where a trajectory recorded the loss on the eval set named ``test`` (``metrics["test_loss"]``, see
+    ``Problem(eval_data=…)``) it is drawn dashed in the same colour; ``test=None`` draws training curves only."""
     fig, ax = _axes(ax)
+    dashed = False
     for label, traj in trajectories.items():
         if traj.loss is None:
             raise ValueError(f"trajectory {label!r} has no recorded loss (simulate with a problem)")
-        xs = traj.t.cpu().numpy()
-        if x == "nfe":
-            if "nfe_at_output" not in traj.stats:
-                raise ValueError(f"trajectory {label!r} has no per-output evaluation counts (stats['nfe_at_output'])")
-            xs = traj.stats["nfe_at_output"]
-        loss = traj.loss.cpu().numpy()
-        if loss.ndim == 2:
-            lines = ax.plot(xs, loss, alpha=0.35)
-            for line in lines[1:]:
-                line.set_color(lines[0].get_color())
-            lines[0].set_label(label)
-        else:
-            ax.plot(xs, loss, label=label, lw=2)
+        xs = _x_values(traj, label, x)
+        colour = _curves(ax, xs, traj.loss.cpu().numpy(), label=label)
+        held = traj.metrics.get(f"{test}_loss") if test is not None else None
+        if held is not None:
+            _curves(ax, xs, held.cpu().numpy(), colour=colour, ls="--")
+            dashed = True
+    if dashed:
+        ax.plot([], [], ls="--", color="gray", label=f"dashed: held-out {test!r} loss")
     ax.set_yscale("log")
-    ax.set_xlabel("solver time t (continuous-time units)" if x == "time" else "vector-field evaluations")
+    ax.set_xlabel(_X_LABELS[x])
     ax.set_ylabel("loss L(θ(t))")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return fig
+
+
+_X_LABELS = {"time": "solver time t (continuous-time units)", "nfe": "vector-field evaluations"}
+
+
+def _x_values(traj: Trajectory, label: str, x: str):
+    """Output times, or the vector-field evaluations spent by each output time."""
+    if x not in _X_LABELS:
+        raise ValueError(f"x must be 'time' or 'nfe', got {x!r}")
+    if x == "time":
+        return traj.t.cpu().numpy()
+    if "nfe_at_output" not in traj.stats:
+        raise ValueError(f"trajectory {label!r} has no per-output evaluation counts (stats['nfe_at_output'])")
+    return traj.stats["nfe_at_output"]
+
+
+def _curves(ax: Axes, xs, values, *, label: str | None = None, colour=None, **style):
+    """One thick line, or for an ensemble (values T × E) one faint line per member in one colour; returns it."""
+    if values.ndim == 2:
+        lines = ax.plot(xs, values, alpha=0.35, color=colour, **style)
+        for line in lines[1:]:
+            line.set_color(lines[0].get_color())
+        if label is not None:
+            lines[0].set_label(label)
+        return lines[0].get_color()
+    line, = ax.plot(xs, values, label=label, lw=2, color=colour, **style)
+    return line.get_color()
 
 
 def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> None:
@@ -261,4 +285,68 @@ def phase_portrait(field, trajectories, *, ax: Axes | None = None, limits: float
                             label="metric ellipses δᵀMδ = r²" if i == 0 else None)
     ax.set(xlim=(-limits, limits), ylim=(-limits, limits), aspect="equal", xlabel="x₁", ylabel="x₂")
     _legend(ax, loc="lower left")
+    return fig
+
+
+def generalisation(trajectories: Mapping[str, Trajectory], *, test: str = "test", x: str = "time",
+                   ax=None) -> Figure:
+    """Train against held-out learning curves along each run (MATH.md §7), in two or three panels:
+
+    1. the training loss L(θ(t)) (solid) and the loss on the eval set ``test`` (dashed), log scale;
+    2. the generalisation gap L_test(θ(t)) − L_train(θ(t));
+    3. for classification runs, the accuracy on ``test`` (dashed) and on the training data (solid): from
+       ``metrics["train_accuracy"]`` when the run recorded an eval set called ``"train"``, else by one forward
+       pass per output time of the trajectory's problem when it is in memory (not after ``Trajectory.load``).
+
+    ``x="time"`` puts solver time on the horizontal axis, ``x="nfe"`` vector-field evaluations. ``ax``: a
+    sequence of two or three axes to draw into. Every trajectory must have recorded ``{test}_loss`` (simulate a
+    problem built with ``eval_data={test: (inputs, targets)}``). Ensembles draw one faint line per member.
+    """
+    import numpy as np
+    import torch
+
+    for label, traj in trajectories.items():
+        if traj.loss is None or f"{test}_loss" not in traj.metrics:
+            raise ValueError(f"trajectory {label!r} has no recorded loss on the eval set {test!r}; build the problem "
+                             f"with eval_data={{{test!r}: (inputs, targets)}} (recorded: {sorted(traj.metrics)})")
+    accuracy = any(f"{test}_accuracy" in traj.metrics for traj in trajectories.values())
+    panels = 3 if accuracy else 2
+    if ax is None:
+        fig = Figure(figsize=(5.0 * panels, 4.2), layout="constrained")
+        axes = list(fig.subplots(1, panels))
+    else:
+        axes = list(ax)
+        if len(axes) < panels:
+            raise ValueError(f"generalisation needs {panels} axes for these runs, got {len(axes)}")
+        fig = axes[0].figure
+    loss_ax, gap_ax = axes[0], axes[1]
+    for label, traj in trajectories.items():
+        xs = _x_values(traj, label, x)
+        train, held = traj.loss.cpu().numpy(), traj.metrics[f"{test}_loss"].cpu().numpy()
+        colour = _curves(loss_ax, xs, train, label=label)
+        _curves(loss_ax, xs, held, colour=colour, ls="--")
+        _curves(gap_ax, xs, held - train, label=label, colour=colour)
+        if not accuracy or f"{test}_accuracy" not in traj.metrics:
+            continue
+        _curves(axes[2], xs, traj.metrics[f"{test}_accuracy"].cpu().numpy(), colour=colour, ls="--", label=label)
+        train_acc = traj.metrics.get("train_accuracy")
+        if train_acc is None and traj.problem is not None:
+            with torch.no_grad():
+                train_acc = torch.stack([traj.problem.accuracy(state) for state in traj.theta])
+        if train_acc is not None:
+            _curves(axes[2], xs, np.asarray(train_acc.cpu()), colour=colour)
+    loss_ax.plot([], [], color="gray", label="solid: training loss")
+    loss_ax.plot([], [], ls="--", color="gray", label=f"dashed: held-out {test!r} loss")
+    loss_ax.set(yscale="log", xlabel=_X_LABELS[x], ylabel="loss", title="training and held-out loss")
+    gap_ax.axhline(0.0, color="k", lw=0.8)
+    gap_ax.set(xlabel=_X_LABELS[x], ylabel=f"L_{test} − L_train", title="generalisation gap")
+    for a in axes[:panels]:
+        a.grid(True, which="both", alpha=0.3)
+    _legend(loss_ax)
+    if accuracy:
+        acc_ax = axes[2]
+        acc_ax.plot([], [], color="gray", label="solid: training data")
+        acc_ax.plot([], [], ls="--", color="gray", label=f"dashed: {test!r}")
+        acc_ax.set(xlabel=_X_LABELS[x], ylabel="accuracy", title="accuracy", ylim=(0.0, 1.02))
+        _legend(acc_ax, loc="lower right")
     return fig
