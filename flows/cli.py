@@ -22,10 +22,13 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def digits_problem(hidden: list[int], *, samples: int | None = None, seed: int = 0,
                    dtype=torch.float64) -> flows.Problem:
-    """The bundled-digits classification problem: a tanh MLP 64 → hidden… → 10 under cross-entropy."""
-    x, y = flows.data.digits(samples, seed=seed, dtype=dtype)
+    """The bundled-digits classification problem: a tanh MLP 64 → hidden… → 10 under cross-entropy, trained on
+    the fixed training split of :func:`flows.data.digits` (1 347 images, or a seeded subset of ``samples`` of
+    them) with the 450 test images as the eval set ``"test"`` (recorded along every run)."""
+    x, y = flows.data.digits(samples, split="train", seed=seed, dtype=dtype)
     model = flows.data.mlp([64, *hidden, 10], seed=seed, dtype=dtype)
-    return flows.Problem(model, "cross_entropy", (x, y), dtype=dtype)
+    return flows.Problem(model, "cross_entropy", (x, y), dtype=dtype,
+                         eval_data={"test": flows.data.digits(split="test", dtype=dtype)})
 
 
 def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: int | None, seed: int = 0):
@@ -42,10 +45,14 @@ def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: i
 
 
 def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dict:
+    """One row per run: final training loss and accuracy, the held-out ``test_loss`` / ``test_accuracy``
+    recorded at the final time (None without an eval set "test"), and the solver's counts."""
     return {
         "run": label,
         "final_loss": float(traj.loss[-1]),
         "accuracy": float(problem.accuracy(traj.final)),
+        "test_loss": _final_metric(traj, "test_loss"),
+        "test_accuracy": _final_metric(traj, "test_accuracy"),
         "t_end": float(traj.t[-1]),
         "nfe": int(traj.stats["nfe"]),
         "steps": traj.stats.get("steps"),
@@ -54,9 +61,14 @@ def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dic
     }
 
 
+def _final_metric(traj: flows.Trajectory, key: str) -> float | None:
+    return float(traj.metrics[key][-1]) if key in traj.metrics else None
+
+
 COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("t_end", "{:.3g}"),
            ("nfe", "{}"), ("steps", "{}"), ("rejected", "{}"), ("wall_time_s", "{:.2f}")]
-DEMO_COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("nfe", "{}"),
+DEMO_COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("test_loss", "{:.4g}"),
+                ("test_accuracy", "{:.3f}"), ("nfe", "{}"),
                 ("wall_time_s", "{:.1f}"), ("action", "{:.4g}"), ("gap", "{:.3g}"), ("mu_start", "{:+.3g}"),
                 ("mu_end", "{:+.3g}"), ("psi_deg", "{}"), ("kappa_min", "{}")]
 
@@ -128,6 +140,10 @@ def _run_demo(args) -> int:
     fig = flows.plot.loss_curves(trajectories)
     fig.axes[0].set_title(f"Learning a {'-'.join(map(str, [64, *args.hidden, 10]))} tanh MLP on digits, one θ₀")
     flows.plot.save(fig, out / "loss.png")
+    fig = flows.plot.generalisation(trajectories)
+    fig.suptitle(f"trained on the {problem.batch_size} digits of the training split, tested on the "
+                 f"{len(problem.eval_data['test'][1])} held-out ones")
+    flows.plot.save(fig, out / "generalisation.png")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12.0, 4.4), layout="constrained")
@@ -138,14 +154,20 @@ def _run_demo(args) -> int:
     flows.plot.save(flows.plot.pca_trajectories(trajectories, problem), out / "trajectories_pca.png")
 
     summary = {"problem": repr(problem), "t_end": args.t_end, "rtol": args.rtol, "atol": args.atol, "mu": args.mu,
-               "metric_batch": args.metric_batch, "action_metric": reference.describe(), "runs": rows}
+               "metric_batch": args.metric_batch, "action_metric": reference.describe(),
+               "data": {"train": "digits split='train'", "test": "digits split='test'",
+                        "n_train": problem.batch_size, "n_test": len(problem.eval_data["test"][1])}, "runs": rows}
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = format_markdown(rows)
-    write_text(out / "summary.md", f"# flows demo\n\n{problem!r}, t ∈ [0, {args.t_end:g}]; action and gap in the "
-                                   f"Euclidean metric; μ = λ_max(sym J) at the start and the end.\n\n{table}\n")
+    n_test = len(problem.eval_data["test"][1])
+    write_text(out / "summary.md", f"# flows demo\n\n{problem!r}, t ∈ [0, {args.t_end:g}]; trained on the digits "
+                                   f"training split, test_loss and test_accuracy on the {n_test} held-out test "
+                                   "digits; action and gap in the Euclidean metric; μ = λ_max(sym J) at the start "
+                                   f"and the end.\n\n{table}\n")
     print()
     print(format_table(rows, DEMO_COLUMNS))
-    print(f"\nwrote loss.png, action.png, trajectories_pca.png, feedback_alignment_natural.png, summary.json, "
+    print(f"\nwrote loss.png, generalisation.png, action.png, trajectories_pca.png, feedback_alignment_natural.png, "
+          "summary.json, "
           f"summary.md and the trajectories ({', '.join(f'{k}.npz' for k in trajectories)}) to {out}/")
     return 0
 
@@ -176,6 +198,11 @@ def compare_rules(problem: flows.Problem, *, mu: float, metric_batch: int, seed:
     }
 
 
+COMPARE_COLUMNS = [("rule", "{}"), ("action", "{:.6g}"), ("gap", "{:.3e}"), ("loss_drop", "{:.6g}"),
+                   ("length", "{:.4g}"), ("final_loss", "{:.4g}"), ("time_to_level", "{:.4g}"), ("accuracy", "{:.3f}"),
+                   ("test_loss", "{:.4g}"), ("test_accuracy", "{:.3f}")]
+
+
 def _run_compare(args) -> int:
     out = Path(args.out)
     problem = digits_problem(args.hidden, samples=args.samples, seed=args.seed)
@@ -189,8 +216,14 @@ def _run_compare(args) -> int:
         runs[label] = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t, rtol=args.rtol,
                                      atol=args.atol, action=reference, progress=not args.quiet)
     rows = flows.action.compare(runs, level=args.level)
-    table = flows.action.markdown(rows, level=args.level)
-    write_text(out / "compare.md", table + "\n")
+    for row in rows:  # beside the action: what each run learned, on the training split and the held-out test split
+        run = summarize(row["rule"], problem, runs[row["rule"]])
+        row.update({key: run[key] for key in ("accuracy", "test_loss", "test_accuracy")})
+    table = format_markdown(rows, COMPARE_COLUMNS)
+    write_text(out / "compare.md", f"{table}\n\nAction, gap and length in the {reference!r} metric; time_to_level: the "
+                                   f"first time the training loss reaches {args.level:g} ('-': never); accuracy on "
+                                   "the digits training split, test_loss and test_accuracy on the held-out test "
+                                   "split.\n")
     write_text(out / "compare.json", json.dumps({"problem": repr(problem), "reference": reference.describe(),
                                                  "level": args.level, "rows": rows}, indent=2) + "\n")
     print()
