@@ -7,6 +7,7 @@ Nothing here touches the network. Each data set's docstring states its source, s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +105,11 @@ def mnist1d(*, split: str = "train", seed: int = 42, channel: bool = False, dtyp
     if data is None:
         data = _generate_mnist1d(int(seed))
         if cache:
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, **data)
+            try:
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **data)
+            except OSError as exc:  # a read-only home is no reason to refuse the data
+                warnings.warn(f"could not cache MNIST-1D at {path}: {exc}", stacklevel=2)
     x, y = (data["x"], data["y"]) if split == "train" else (data["x_test"], data["y_test"])
     inputs = torch.as_tensor(np.asarray(x), dtype=dtype)
     if channel:

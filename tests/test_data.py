@@ -146,3 +146,12 @@ def test_teacher_student_noise_has_the_stated_scale():
         teacher_student(10, sizes, split="test", n_test=0)
     with pytest.raises(ValueError, match="split"):
         teacher_student(10, sizes, split="dev")
+
+
+def test_mnist1d_still_returns_the_data_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FLOWS_CACHE_DIR", str(blocker / "cache"))  # a folder below a file cannot be created
+    with pytest.warns(UserWarning, match="could not cache MNIST-1D"):
+        x, y = mnist1d(split="test")
+    assert x.shape == (1000, 40) and y.shape == (1000,)
