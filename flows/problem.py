@@ -167,12 +167,17 @@ class Problem:
 
     def _check_labels(self, targets: torch.Tensor, where: str) -> None:
         """Class labels of a classification problem must lie in 0…C−1, C the width of the model's output
-        (read from one forward pass of a single training sample at θ₀)."""
+        (read from one forward pass of two training samples at θ₀, on copies of the buffers so that running
+        statistics are left untouched; a model that cannot run on two samples skips the check)."""
         if not self.is_classification or targets.ndim != 1 or targets.numel() == 0:
             return
-        with torch.no_grad():
-            out = self._outputs(self.theta0, self.inputs[:1])
-        if out.ndim != 2:
+        buffers = {name: b.clone() for name, b in self.buffers.items()}
+        try:
+            with torch.no_grad():
+                out = functional_call(self.model, (self.unflatten(self.theta0), buffers), (self.inputs[:2],))
+        except (RuntimeError, ValueError):
+            return
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
             return
         classes = int(out.shape[-1])
         low, high = int(targets.min()), int(targets.max())
