@@ -167,8 +167,7 @@ def _run_demo(args) -> int:
     print()
     print(format_table(rows, DEMO_COLUMNS))
     print(f"\nwrote loss.png, generalisation.png, action.png, trajectories_pca.png, feedback_alignment_natural.png, "
-          "summary.json, "
-          f"summary.md and the trajectories ({', '.join(f'{k}.npz' for k in trajectories)}) to {out}/")
+          f"summary.json, summary.md and the trajectories ({', '.join(f'{k}.npz' for k in trajectories)}) to {out}/")
     return 0
 
 
