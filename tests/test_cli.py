@@ -120,3 +120,12 @@ def test_compare_command_ranks_rules_by_their_gap(tmp_path, capsys):
         assert float(cells["test_accuracy"]) == pytest.approx(row["test_accuracy"], abs=1e-3)
         assert float(cells["accuracy"]) == pytest.approx(row["accuracy"], abs=1e-3)
         assert round(row["accuracy"] * 60) == pytest.approx(row["accuracy"] * 60, abs=1e-9)  # on the 60 trained
+    # the Euclidean row against a forward pass on the held-out split at θ(T) of the same (deterministic) solve
+    problem = flows.cli.digits_problem([6], samples=60)
+    traj = flows.simulate(flows.rules.GradientFlow(problem, flows.metrics.Euclidean()), problem.theta0,
+                          torch.linspace(0, 1, 5, dtype=torch.float64), rtol=1e-6, atol=1e-8,
+                          action=flows.metrics.Euclidean(), progress=False)
+    x_test, y_test = flows.data.digits(split="test")
+    out_test = problem.outputs(traj.theta[-1], x_test)
+    assert euclid["test_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out_test, y_test)), abs=1e-12)
+    assert euclid["test_accuracy"] == pytest.approx(float((out_test.argmax(1) == y_test).double().mean()), abs=1e-12)
