@@ -188,19 +188,24 @@ def action(traj: Trajectory, metric=None, *, field=None, problem=None, nodes: in
     Args:
         traj: a trajectory; if it was simulated with ``action=metric`` its accumulated integrals are used.
         metric: the reference metric G (default: the one accumulated in the solve).
-        field: the rule's vector field; with it, trajectories without accumulated integrals are measured by
-            Gauss–Legendre quadrature (``nodes`` points per output interval) over Hermite dense output.
-            Without it the stored states are treated as discrete iterates (the discrete analogue).
-        problem: the problem for ∇L (default: ``field.problem``).
+        field: the rule's vector field (default: the one a simulated trajectory remembers, ``traj.field``); with
+            it, trajectories without accumulated integrals are measured by Gauss–Legendre quadrature (``nodes``
+            points per output interval) over Hermite dense output. Without it the stored states are treated as
+            discrete iterates (the discrete analogue), as they are for trajectories of discrete dynamics.
+        problem: the problem for ∇L (default: ``field.problem``, then ``traj.problem``).
     """
     accumulated = traj.action is not None
     if accumulated and (metric is None or _describe(metric) == traj.metadata.get("action_metric")):
         return _from_accumulated(traj)
     if metric is None:
         raise ValueError("no metric given and the trajectory carries no accumulated action (simulate with action=)")
-    problem = problem if problem is not None else getattr(field, "problem", None)
+    if field is None and traj.metadata.get("dynamics", "flow") == "flow":
+        field = getattr(traj, "field", None)  # a trajectory simulated in this process remembers its field
+    problem = next((p for p in (problem, getattr(field, "problem", None), getattr(traj, "problem", None))
+                    if p is not None), None)
     if problem is None:
-        raise ValueError("action needs the problem (pass problem= or a field with .problem) to evaluate ∇L")
+        raise ValueError("action needs the problem to evaluate ∇L, and this trajectory carries none (it was loaded "
+                         "from a file, or made outside flows.simulate): pass problem= (or field=)")
     with torch.no_grad():
         if field is not None:
             return _quadrature(traj, problem, metric, field, nodes)

@@ -15,6 +15,7 @@ on a LinearOperator built from Jacobian–vector and vector–Jacobian products)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 from torch.func import jacrev, jvp, vjp
 
 DENSE_LIMIT = 2500
-LOGNORMS = ("1", "2", "inf")
+LOGNORMS = (1, 2, math.inf)
 
 
 def _f(field, t):
@@ -67,13 +68,39 @@ class JacobianOperator:
         return torch.stack([self.rmv(e) for e in eye])
 
 
-def lognorm(J: torch.Tensor, kind: str = "2", metric: torch.Tensor | None = None) -> float:
-    """The logarithmic norm μ_kind(J) of a dense matrix; with ``metric`` M (kind "2" only), μ_{2,M}(J)."""
+def _lognorm_kind(ord) -> str:
+    aliases = {1: "1", 2: "2", math.inf: "inf", "1": "1", "2": "2", "inf": "inf"}
+    if isinstance(ord, str) and ord.lower() in ("fro", "nuc"):
+        raise ValueError(f"ord={ord!r}: the {'Frobenius' if ord.lower() == 'fro' else 'nuclear'} norm is not "
+                         "induced by a vector norm, so it has no logarithmic norm; use ord=1, 2 or math.inf")
+    try:
+        return aliases[ord]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown log-norm ord={ord!r}; use numpy's convention 1, 2 or math.inf "
+                         "(or the strings '1', '2', 'inf')") from None
+
+
+def lognorm(J: torch.Tensor, ord=2, metric: torch.Tensor | None = None) -> float:
+    """The logarithmic norm μ(J) = lim_{h↓0} (‖I + hJ‖ − 1)/h of a square matrix (MATH.md §5).
+
+    ``ord`` follows numpy's convention for the induced norm: 1 → max_j (J_jj + Σ_{i≠j}|J_ij|), 2 →
+    λ_max((J + Jᵀ)/2), ``math.inf`` → max_i (J_ii + Σ_{j≠i}|J_ij|); the strings "1", "2", "inf" are aliases.
+    With ``metric`` M (ord 2 only), μ_{2,M}(J) = λ_max(sym(ΘJΘ⁻¹)), M = ΘᵀΘ. Cost O(n³) (one eigen-solve).
+    """
     J = torch.as_tensor(J, dtype=torch.float64) if not torch.is_tensor(J) else J
+    kind = _lognorm_kind(ord)
+    if J.ndim != 2 or J.shape[0] != J.shape[1]:
+        raise ValueError(f"lognorm needs a square matrix J, got shape {tuple(J.shape)}")
     if metric is not None:
         if kind != "2":
-            raise ValueError(f"a metric-weighted log-norm is defined here for kind '2' only, got {kind!r}")
-        low = torch.linalg.cholesky(0.5 * (metric + metric.T))
+            raise ValueError(f"a metric-weighted log-norm is defined here for ord=2 only, got ord={ord!r}")
+        metric = torch.as_tensor(metric, dtype=J.dtype)
+        if metric.shape != J.shape:
+            raise ValueError(f"metric must have J's shape {tuple(J.shape)}, got {tuple(metric.shape)}")
+        try:
+            low = torch.linalg.cholesky(0.5 * (metric + metric.T))
+        except RuntimeError:  # torch's LinAlgError
+            raise ValueError("metric must be symmetric positive definite (its Cholesky factorisation failed)") from None
         # Θ J Θ⁻¹ with Θ = Lᵀ: Lᵀ J L⁻ᵀ
         weighted = low.T @ torch.linalg.solve_triangular(low, J.T, upper=False).T
         return float(torch.linalg.eigvalsh(0.5 * (weighted + weighted.T))[-1])
@@ -82,9 +109,7 @@ def lognorm(J: torch.Tensor, kind: str = "2", metric: torch.Tensor | None = None
     off = J.abs() - torch.diag(J.diagonal().abs())
     if kind == "1":
         return float((J.diagonal() + off.sum(0)).max())
-    if kind == "inf":
-        return float((J.diagonal() + off.sum(1)).max())
-    raise ValueError(f"unknown log-norm {kind!r}; choose one of {list(LOGNORMS)}")
+    return float((J.diagonal() + off.sum(1)).max())
 
 
 @dataclass

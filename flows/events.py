@@ -11,7 +11,10 @@ import torch
 
 
 class Event:
-    """An event g(t, θ); ``needs_problem`` events are bound to a problem by simulate before use."""
+    """An event g(t, θ); ``needs_problem`` events are bound to a problem by simulate before use.
+
+    A run whose initial state already satisfies the event (:meth:`satisfied`) stops at t0 with one state.
+    """
 
     needs_problem = False
 
@@ -27,6 +30,17 @@ class Event:
 
     def describe(self) -> str:
         return self.name
+
+    def reading(self, transform) -> Event:
+        """The same event evaluated on ``transform(state)`` (θ read out of a larger solver state)."""
+        wrapped = Event(lambda t, state: self(t, transform(state)), name=self.describe())
+        wrapped.satisfied = self.satisfied
+        return wrapped
+
+    def satisfied(self, value: torch.Tensor) -> torch.Tensor:
+        """Whether the event holds already (then a run starting there stops at once): some component of g is
+        exactly zero. Events with a direction (such as :func:`loss_below`) hold on one side of zero."""
+        return (torch.as_tensor(value) == 0).any()
 
 
 class _LossEvent(Event):
@@ -44,6 +58,9 @@ class _LossEvent(Event):
 
     def __call__(self, t, theta):
         return self.problem.loss(theta) - self.level
+
+    def satisfied(self, value):
+        return (torch.as_tensor(value) <= 0).any()
 
 
 def loss_below(level: float) -> Event:

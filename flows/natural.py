@@ -27,26 +27,56 @@ from flows.metrics._base import Metric
 
 
 def angle(update: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """ψ = arccos(yᵀv/(‖y‖‖v‖)) between the update v and y = −∇L, in radians, over the last dimension."""
+    """ψ = arccos(yᵀv/(‖y‖‖v‖)) between the update v and y = −∇L, in radians, over the last dimension.
+
+    Undefined where v = 0 or ∇L = 0 (at a critical point, or for a rule at rest): that raises a ValueError naming
+    which vector vanished rather than returning NaN.
+    """
+    update, grad = torch.as_tensor(update), torch.as_tensor(grad)
+    if update.shape != grad.shape:
+        raise ValueError(f"update and grad must have the same shape, got {tuple(update.shape)} and "
+                         f"{tuple(grad.shape)}")
     y = -grad
-    cos = (y * update).sum(-1) / (torch.linalg.vector_norm(y, dim=-1) * torch.linalg.vector_norm(update, dim=-1))
+    norm_v = torch.linalg.vector_norm(update, dim=-1)
+    norm_y = torch.linalg.vector_norm(y, dim=-1)
+    for name, norm in (("update", norm_v), ("grad", norm_y)):
+        if bool((norm == 0).any()):
+            raise ValueError(f"the angle is undefined: {name} is the zero vector"
+                             + (f" (at {int((norm == 0).sum())} of {norm.numel()} rows)" if norm.ndim else ""))
+    cos = (y * update).sum(-1) / (norm_y * norm_v)
     return torch.arccos(cos.clamp(-1.0, 1.0))
 
 
-def kappa_min(psi) -> torch.Tensor | float:
-    """The smallest condition number of a metric that turns an update at angle ψ (radians) into natural
-    gradient descent: (1 + sin ψ)/(1 − sin ψ)."""
-    if torch.is_tensor(psi):
-        return (1 + torch.sin(psi)) / (1 - torch.sin(psi))
-    return (1 + math.sin(psi)) / (1 - math.sin(psi))
+def kappa_min(psi, *, degrees: bool = False) -> torch.Tensor | float:
+    """The smallest condition number of a metric that turns an update at angle ψ into natural gradient descent:
+    κ_min = (1 + sin ψ)/(1 − sin ψ) (MATH.md §4). ψ in radians, or in degrees with ``degrees=True``; ψ = 90°
+    gives +inf (no metric: the update is orthogonal to −∇L). ψ must lie in [0, π/2] (0°…90°).
+    """
+    limit = 90.0 if degrees else math.pi / 2
+    values = psi if torch.is_tensor(psi) else torch.as_tensor(float(psi), dtype=torch.float64)
+    if bool(((values < 0) | (values > limit * (1 + 1e-12))).any()) or bool(torch.isnan(values).any()):
+        unit = "degrees" if degrees else "radians"
+        shown = float(values) if values.ndim == 0 else f"values in [{float(values.min()):g}, {float(values.max()):g}]"
+        looks_like_degrees = not degrees and 0 <= float(values.min()) and float(values.max()) <= 90
+        hint = " (an angle in degrees? pass degrees=True)" if looks_like_degrees else ""
+        raise ValueError(f"psi must lie in [0, {limit:g}] {unit}, got {shown}{hint}")
+    radians = torch.deg2rad(values) if degrees else values
+    sin = torch.sin(radians)
+    # ψ at (or within round-off of) π/2: the limit is +inf, not a division by zero
+    kappa = torch.where(sin >= 1 - 1e-15, torch.full_like(sin, math.inf), (1 + sin) / (1 - sin).clamp_min(1e-300))
+    return kappa if torch.is_tensor(psi) else float(kappa)
 
 
 def _check_effective(update, grad, t=None):
     y = -grad
     inner = float((y * update).sum())
     if not inner > 0:
-        psi = float(angle(update, grad))
         when = "" if t is None else f" at t={t:.6g}"
+        if not (bool(update.any()) and bool(grad.any())):
+            which = "the update" if not bool(update.any()) else "∇L"
+            raise NotEffectiveError(f"the update does not decrease the loss{when}: {which} is zero, so yᵀv = 0 and "
+                                    "no metric makes it natural gradient descent", t=t, angle=None)
+        psi = float(angle(update, grad))
         raise NotEffectiveError(
             f"the update does not decrease the loss{when}: yᵀv = {inner:.3g} ≤ 0 (angle to −∇L "
             f"{math.degrees(psi):.2f}° ≥ 90°), so no metric makes it natural gradient descent",
@@ -176,6 +206,14 @@ def recover(field, problem, traj, *, window: float | None = None, grad=None, ste
     for ti, theta in zip(traj.t, traj.theta):
         v = field(ti, theta)
         g = problem.grad(theta) if grad is None else grad(ti, theta)
+        if not (bool(v.any()) and bool(g.any())):  # at rest or at a critical point: ψ is undefined
+            if strict:
+                _check_effective(v, g, float(ti))
+            nan = torch.full((), float("nan"), dtype=g.dtype)
+            psis.append(nan)
+            kappas.append(nan)
+            residuals.append(nan)
+            continue
         psi = angle(v, g)
         psis.append(psi)
         if not strict and not float((-g * v).sum()) > 0:

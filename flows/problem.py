@@ -9,6 +9,7 @@ and batch over an ensemble of parameter vectors with :func:`torch.func.vmap`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -57,18 +58,52 @@ class Block:
         return self.stop - self.start
 
 
-def _as_batch_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_batch_pair(data, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) as tensors with one batch dimension in front, finite, and of equal batch size."""
     try:
         inputs, targets = data
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"data must be a pair (inputs, targets), got {type(data).__name__}") from exc
-    inputs, targets = torch.as_tensor(inputs), torch.as_tensor(targets)
+        raise ValueError(f"{what} must be a pair (inputs, targets), got {type(data).__name__}") from exc
+    pair = []
+    for name, value in (("inputs", inputs), ("targets", targets)):
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{what}: {name} must be a tensor or an array of numbers, got "
+                            f"{type(value).__name__} ({exc})") from None
+        if tensor.ndim == 0:
+            raise ValueError(f"{what}: {name} need a batch dimension in front, got a scalar")
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what}: {name} contain {bad} non-finite value(s) (NaN or inf)")
+        pair.append(tensor)
+    inputs, targets = pair
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(
-            f"inputs and targets must have the same batch size, got {inputs.shape[0]} inputs "
+            f"{what}: inputs and targets must have the same batch size, got {inputs.shape[0]} inputs "
             f"and {targets.shape[0]} targets"
         )
     return inputs, targets
+
+
+def _dropout_rate(module: nn.Module) -> float:
+    p = getattr(module, "dropout", None) if isinstance(module, nn.MultiheadAttention) else getattr(module, "p", 0.0)
+    return float(p or 0.0)
+
+
+def random_in_training_mode(model: nn.Module) -> list[str]:
+    """Qualified names of the modules whose forward depends on ``training`` in a way a gradient flow cannot
+    have: dropout (random, so ∇L is not a function of θ) and batch normalisation (couples the samples of a
+    batch and updates running statistics)."""
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        stochastic = isinstance(module, nn.modules.dropout._DropoutNd | nn.MultiheadAttention) and \
+            _dropout_rate(module) > 0
+        if stochastic or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            found.append(f"{name or '<model>'} ({type(module).__name__})")
+    return found
 
 
 class Problem:
@@ -105,6 +140,12 @@ class Problem:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        training = random_in_training_mode(model)
+        if training:
+            raise ValueError(
+                f"the model has modules in training mode whose output is random or couples samples: "
+                f"{', '.join(training)}. A gradient flow needs L(θ) to be a deterministic function of θ; call "
+                "model.eval() first (dropout off, batch norm on its running statistics)")
         params = dict(model.named_parameters())
         if not params:
             raise ValueError(f"model {type(model).__name__} has no parameters")
@@ -136,6 +177,7 @@ class Problem:
         if self.batch_size == 0:
             raise ValueError("the training data is empty (0 samples)")
         self._check_labels(self.targets, "the training data")
+        self._check_loss_at_theta0(inputs)
         self.eval_data = self._eval_sets(eval_data)
 
     def _eval_sets(self, eval_data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -147,10 +189,7 @@ class Problem:
         for name, pair in eval_data.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"eval_data names must be non-empty strings, got {name!r}")
-            try:
-                inputs, targets = _as_batch_pair(pair)
-            except ValueError as exc:
-                raise ValueError(f"eval set {name!r}: {exc}") from None
+            inputs, targets = _as_batch_pair(pair, f"eval set {name!r}")
             if inputs.shape[1:] != self.inputs.shape[1:]:
                 raise ValueError(f"eval set {name!r} has inputs of shape {tuple(inputs.shape[1:])} per sample, "
                                  f"the training data {tuple(self.inputs.shape[1:])}")
@@ -164,6 +203,28 @@ class Problem:
             self._check_labels(targets, f"eval set {name!r}")
             sets[name] = (self._to_device(inputs), self._to_device(targets))
         return sets
+
+    def _check_loss_at_theta0(self, raw_inputs: torch.Tensor) -> None:
+        """One trial evaluation of L(θ₀) on the training data, so that a model that cannot run on the inputs, or a
+        loss that is not a finite scalar, is reported here by name rather than deep inside a solver."""
+        buffers = {name: b.clone() for name, b in self.buffers.items()}
+        try:
+            with torch.no_grad():
+                outputs = functional_call(self.model, (self.unflatten(self.theta0), buffers), (self.inputs,))
+                value = self.loss_fn(outputs, self.targets)
+        except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+            hint = ""
+            if not raw_inputs.is_floating_point():
+                hint = (f" The inputs have dtype {raw_inputs.dtype}: a model of Linear or Conv layers needs floating "
+                        "inputs (integer inputs suit token models that start with nn.Embedding).")
+            raise ValueError(f"the model and loss cannot be evaluated on the training data at θ₀ (inputs "
+                             f"{tuple(self.inputs.shape)} {self.inputs.dtype}, targets {tuple(self.targets.shape)} "
+                             f"{self.targets.dtype}): {type(exc).__name__}: {exc}.{hint}") from None
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"the loss {self.loss_name!r} must return a scalar (a mean over the batch), got {shape}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"the loss {self.loss_name!r} is {float(value)} at θ₀ on the training data")
 
     def _check_labels(self, targets: torch.Tensor, where: str) -> None:
         """Class labels of a classification problem must lie in 0…C−1, C the width of the model's output

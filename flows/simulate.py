@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from flows.action import ACTION_TERMS, AugmentedField
 from flows.errors import FlowDivergedError
-from flows.events import Event, as_event
+from flows.events import as_event
 from flows.trajectory import Trajectory
 
 try:  # the solver table of the installed torchdiffeq release, to list valid methods in errors
@@ -33,6 +33,10 @@ DEFAULT_TOLERANCES = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-5, 1e-7), 
                       torch.bfloat16: (1e-2, 1e-3)}
 FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
                       "fixed_adams")
+
+
+class FixedGridWarning(UserWarning):
+    """A fixed-grid solver was given no step size, so it steps at the output times only."""
 
 
 def methods() -> list[str]:
@@ -229,8 +233,7 @@ def simulate(
     if bound_event is not None and bound_event.needs_problem:
         bound_event = bound_event.bind(problem)
         if observe is not None:
-            on_theta = bound_event
-            bound_event = Event(lambda tt, y: on_theta(tt, observe(y)), name=on_theta.describe())
+            bound_event = bound_event.reading(observe)
 
     n = theta0.shape[-1]
     run_field, state0 = field, theta0.detach()
@@ -240,8 +243,16 @@ def simulate(
         run_field = AugmentedField(field, problem, action, observe)
         state0 = torch.cat([state0, state0.new_zeros(*state0.shape[:-1], len(ACTION_TERMS))], dim=-1)
         if bound_event is not None:
-            inner_event = bound_event
-            bound_event = Event(lambda tt, y: inner_event(tt, y[..., :n]), name=inner_event.describe())
+            bound_event = bound_event.reading(lambda y: y[..., :n])
+
+    grid_given = bool((options or {}).get("step_size")) or "grid_constructor" in (options or {})
+    if method in FIXED_GRID_METHODS and not grid_given:
+        spacing = (t[1:] - t[:-1]).abs()
+        warnings.warn(
+            f"method={method!r} without options={{'step_size': h}} steps only at the output times: steps of up to "
+            f"{float(spacing.max()):.4g} here (the output spacing), however large. Pass options={{'step_size': h}} "
+            f"for the grid you mean (or step_size equal to the spacing to keep this grid and silence this warning).",
+            FixedGridWarning, stacklevel=2)
 
     callbacks = _SOLVERS[method].valid_callbacks() if _SOLVERS is not None else set()
     span = abs(float(t[-1] - t[0]))
@@ -297,7 +308,10 @@ def _solve_with_event(monitored, theta0, t, event, solver):
     options = solver.get("options")
     direction = 1.0 if t[-1] > t[0] else -1.0
     with torch.no_grad():
-        sign0 = torch.sign(event(t[0], theta0)).reshape(-1)
+        value0 = event(t[0], theta0)
+        if bool(event.satisfied(value0)):
+            return t[:1], theta0[None], True  # already true at t0: the run stops before it starts
+        sign0 = torch.sign(value0).reshape(-1)
     times, states = [t[0]], [theta0]
     current = theta0
     for i in range(1, len(t)):
@@ -367,6 +381,7 @@ def _stats(monitored: _MonitoredField, wall: float, callbacks: set[str]) -> dict
 
 def _metadata(field, problem, solver, event) -> dict:
     meta = {
+        "dynamics": "flow",
         "rule": _describe(field),
         "solver": {k: (v if k != "options" else {kk: _describe(vv) if callable(vv) else vv
                                                   for kk, vv in v.items()}) for k, v in solver.items()},

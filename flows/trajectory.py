@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ class Trajectory:
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write one ``.npz`` file atomically; returns the path written."""
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         arrays = {name: getattr(self, name).detach().cpu().numpy() for name in _ARRAYS
@@ -102,12 +103,22 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:
         """Read a file written by :meth:`save`."""
-        with np.load(Path(path), allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            arrays = {name: torch.from_numpy(data[name].copy()) if name in data else None for name in _ARRAYS}
-            metrics = {name.removeprefix(_METRIC_PREFIX): torch.from_numpy(data[name].copy())
-                       for name in data.files if name.startswith(_METRIC_PREFIX)}
-        return cls(stats=header["stats"], metadata=header["metadata"], metrics=metrics, **arrays)
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no trajectory file at {str(path)!r}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                arrays = {name: torch.from_numpy(data[name].copy()) if name in data else None for name in _ARRAYS}
+                metrics = {name.removeprefix(_METRIC_PREFIX): torch.from_numpy(data[name].copy())
+                           for name in data.files if name.startswith(_METRIC_PREFIX)}
+            stats, metadata = header["stats"], header["metadata"]
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable flows trajectory (a .npz written by "
+                             f"Trajectory.save): {type(exc).__name__}: {exc}") from None
+        if arrays["t"] is None or arrays["theta"] is None:
+            raise ValueError(f"{str(path)!r} is not a readable flows trajectory: it has no 't' or 'theta' array")
+        return cls(stats=stats, metadata=metadata, metrics=metrics, **arrays)
 
 
 def _jsonable(obj):

@@ -100,7 +100,7 @@ def test_stats_count_every_field_evaluation():
     assert traj.stats["nfe"] == len(calls)
     assert traj.stats["accepted"] + traj.stats["rejected"] == traj.stats["steps"]
     rk4 = flows.simulate(field, THETA0, torch.linspace(0, 1, 11, dtype=torch.float64), method="rk4",
-                         progress=False)
+                         options={"step_size": 0.1}, progress=False)
     assert rk4.stats["nfe"] == 4 * 10 and rk4.stats["accepted"] == 10
     assert rk4.stats["nfe_at_output"] == [4 * k for k in range(11)]  # four stages per step, counted as passed
 
@@ -143,7 +143,8 @@ def test_loss_below_event_stops_at_the_analytic_time():
 def test_event_that_never_fires_runs_to_the_end_with_fixed_grid():
     _, field = quadratic_flow()
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    traj = flows.simulate(field, THETA0, t, method="rk4", event=flows.events.loss_below(-1.0), progress=False)
+    traj = flows.simulate(field, THETA0, t, method="rk4", options={"step_size": 0.25},
+                          event=flows.events.loss_below(-1.0), progress=False)
     assert not traj.stats["stopped_by_event"] and len(traj) == 5
     assert (traj.theta - exact_flow(t)).abs().max() <= 1e-3
 
