@@ -5,7 +5,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import action, contraction, data, events, metrics, modules, natural, plot, rules
+from flows import action, contraction, data, events, metrics, modules, natural, plot, rules, sweep
 from flows.errors import FlowDivergedError, NotEffectiveError
 from flows.problem import Block, Problem
 from flows.simulate import simulate
@@ -27,4 +27,5 @@ __all__ = [
     "plot",
     "rules",
     "simulate",
+    "sweep",
 ]

@@ -350,3 +350,83 @@ def generalisation(trajectories: Mapping[str, Trajectory], *, test: str = "test"
         acc_ax.set(xlabel=_X_LABELS[x], ylabel="accuracy", title="accuracy", ylim=(0.0, 1.02))
         _legend(acc_ax, loc="lower right")
     return fig
+
+
+def sweep_curves(out, *, by: str | list[str] = "rule", hue: str | None = None, x: str = "time", band: str = "minmax",
+                 test: bool = True, ax: Axes | None = None) -> Figure:
+    """Loss curves of a sweep (:mod:`flows.sweep`), one line per group of runs that share the ``by`` fields (and
+    ``hue``): the mean over the group's other fields (its seeds) with a shaded band — ``band="minmax"`` (min to
+    max) or ``"std"`` (mean ± one standard deviation). ``x="time"`` or ``"nfe"`` (the mean evaluations spent by
+    each output time). With ``test``, the held-out loss is drawn dashed in the same colour. Runs that did not
+    finish (status other than "ok") are left out and counted in the legend."""
+    import numpy as np
+
+    from flows.sweep import load, run_path
+
+    if band not in ("minmax", "std"):
+        raise ValueError(f"band must be 'minmax' or 'std', got {band!r}")
+    table = load(out) if not hasattr(out, "columns") else out
+    if table.empty:
+        raise ValueError(f"the sweep in {str(out)!r} has no finished runs yet")
+    keys = [by] if isinstance(by, str) else list(by)
+    if hue is not None and hue not in keys:
+        keys.append(hue)
+    missing = [k for k in keys if k not in table.columns]
+    if missing:
+        raise ValueError(f"unknown sweep field(s) {missing}; the table has {sorted(table.columns)}")
+    fig, ax = _axes(ax, figsize=(7.0, 4.5))
+    ok = table[table["status"] == "ok"]
+    for group, rows in ok.groupby(keys, sort=True):
+        group = group if isinstance(group, tuple) else (group,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, group))
+        trajs = [Trajectory.load(run_path(out, rid)) for rid in rows["run_id"]]
+        lengths = {len(traj) for traj in trajs}
+        if len(lengths) != 1:
+            raise ValueError(f"group {label!r} mixes runs with different output times; add the differing field to by=")
+        xs = np.mean([_x_values(traj, label, x) for traj in trajs], axis=0)
+        colour = None
+        for series, style in (("loss", "-"), ("test_loss", "--")):
+            if series == "test_loss" and not (test and all("test_loss" in tr.metrics for tr in trajs)):
+                continue
+            values = np.stack([(tr.loss if series == "loss" else tr.metrics["test_loss"]).cpu().numpy()
+                               for tr in trajs])
+            mean = values.mean(0)
+            low, high = (values.min(0), values.max(0)) if band == "minmax" else \
+                (mean - values.std(0), mean + values.std(0))
+            line, = ax.plot(xs, mean, ls=style, color=colour,
+                            label=f"{label} (n={len(trajs)})" if series == "loss" else None)
+            colour = line.get_color()
+            ax.fill_between(xs, np.maximum(low, 1e-300), high, color=colour, alpha=0.18 if series == "loss" else 0.08)
+    if test:
+        ax.plot([], [], ls="--", color="gray", label="dashed: held-out loss")
+    dropped = int((table["status"] != "ok").sum())
+    if dropped:
+        ax.plot([], [], ls="", label=f"{dropped} run(s) not finished (see the table)")
+    ax.set_yscale("log")
+    ax.set_xlabel(_X_LABELS[x])
+    ax.set_ylabel("loss: mean over seeds, band " + ("min–max" if band == "minmax" else "± std"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def sweep_table(out, *, by: str | list[str] = "rule",
+                columns=("final_loss", "test_loss", "test_accuracy", "nfe", "gap"), ax: Axes | None = None) -> Figure:
+    """A table figure of a sweep: per group of ``by`` fields, the mean ± std over its runs of each column."""
+    from flows.sweep import load
+
+    table = load(out) if not hasattr(out, "columns") else out
+    if table.empty:
+        raise ValueError(f"the sweep in {str(out)!r} has no finished runs yet")
+    keys = [by] if isinstance(by, str) else list(by)
+    present = [c for c in columns if c in table.columns]
+    ok = table[table["status"] == "ok"]
+    cells = []
+    for group, rows in ok.groupby(keys, sort=True):
+        group = group if isinstance(group, tuple) else (group,)
+        cells.append([*map(str, group), str(len(rows))] +
+                     [f"{rows[c].mean():.4g} ± {rows[c].std(ddof=0):.2g}" for c in present])
+    fig, ax = _axes(ax, figsize=(1.6 * (len(keys) + len(present) + 1), 0.45 * (len(cells) + 2)))
+    ax.axis("off")
+    ax.table(cellText=cells, colLabels=[*keys, "runs", *present], loc="center")
+    return fig
