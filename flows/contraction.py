@@ -129,35 +129,95 @@ def _as_numpy_op(n, fn, dtype, device):
     return LinearOperator((n, n), matvec=matvec, dtype=np.float64)
 
 
-def rate(field, theta: torch.Tensor, metric=None, *, t: float = 0.0, method: str = "auto", eigenvalues: bool = True,
-         tol: float = 1e-10) -> Rate:
-    """μ(J) at (t, θ) in the 2-norm, or in the metric G(θ) = ΘᵀΘ of ``metric`` (a flows metric).
+def _is_moving(metric, moving: bool | None) -> bool:
+    if metric is None:
+        if moving:
+            raise ValueError("moving=True needs a metric (the 2-norm does not move)")
+        return False
+    if not (callable(getattr(metric, "apply", None)) and callable(getattr(metric, "solve", None))):
+        raise TypeError(f"metric must be a flows metric with apply(θ, v) = G(θ)v and solve(θ, v) = G(θ)⁻¹v, got "
+                        f"{type(metric).__name__}")
+    return bool(getattr(metric, "depends_on_theta", True)) if moving is None else bool(moving)
 
-    ``method``: "dense" (eigen-solves of the dense Jacobian), "lanczos" (scipy ``eigsh`` on
-    v ↦ ½(J + Jᵀ)v, or on the generalised pencil (sym(GJ), G) with G and G⁻¹ applied by the metric — O(N) memory),
+
+def metric_derivative(metric, theta: torch.Tensor, direction: torch.Tensor):
+    """v ↦ Ġv = d/dε G(θ + ε·direction) v (with direction = f(θ), the metric's rate of change along the flow).
+
+    A forward-mode Jacobian–vector product through ``metric.apply``: one extra pass of the metric product, no
+    N × N matrix. A metric whose product forward mode cannot differentiate (a custom operation) falls back to the
+    central difference [G(θ + h f) − G(θ − h f)]v / 2h with h = ε^{1/3}(1 + ‖θ‖)/‖f‖, error O(h²).
+    """
+    theta, direction = theta.detach(), direction.detach()
+
+    def by_jvp(v):
+        return jvp(lambda th: metric.apply(th, v), (theta,), (direction,))[1]
+
+    scale = float(torch.linalg.vector_norm(direction))
+    h = torch.finfo(theta.dtype).eps ** (1 / 3) * (1 + float(torch.linalg.vector_norm(theta))) / max(scale, 1e-300)
+
+    def by_difference(v):
+        return (metric.apply(theta + h * direction, v) - metric.apply(theta - h * direction, v)) / (2 * h)
+
+    probe = torch.zeros_like(theta)
+    try:
+        by_jvp(probe)
+        return by_jvp
+    except (RuntimeError, NotImplementedError, TypeError):
+        return by_difference
+
+
+def rate(field, theta: torch.Tensor, metric=None, *, t: float = 0.0, method: str = "auto", eigenvalues: bool = True,
+         tol: float = 1e-10, moving: bool | None = None) -> Rate:
+    """μ(J) at (t, θ) in the 2-norm, or in the metric G(θ) of ``metric`` (a flows metric), MATH.md §5.
+
+    Frozen metric (``moving=False``): the largest generalised eigenvalue of (sym(GJ), G) = λ_max(sym(ΘJΘ⁻¹)).
+    Moving metric (``moving=True``, the default for metrics with ``depends_on_theta``): along ẋ = f(x) the virtual
+    displacement obeys d/dt(δxᵀGδx) = δxᵀ(Ġ + JᵀG + GJ)δx with Ġ = DG(θ)[f(θ)], so
+
+        μ = λ_max( ½(Ġ + JᵀG + GJ), G ),          equivalently λ_max(sym F), F = (Θ̇ + ΘJ)Θ⁻¹, G = ΘᵀΘ
+
+    (Lohmiller & Slotine 1998). Freezing G is exact only at equilibria (f = 0 ⇒ Ġ = 0) and for constant metrics.
+
+    ``method``: "dense" (eigen-solves of dense J, G and Ġ, the last by one forward-mode pass through
+    ``metric.matrix``), "lanczos" (scipy ``eigsh`` on v ↦ ½(Ġv + Jᵀ(Gv) + G(Jv)) against G, with G and G⁻¹ applied
+    by the metric: O(N) memory; cost per Lanczos step one JVP and one VJP of the field plus three metric products),
     or "auto" (dense up to ``DENSE_LIMIT``). With ``eigenvalues`` the largest real part of an eigenvalue of J is
-    computed too (dense: all eigenvalues; matrix-free: ARPACK ``eigs``, which may converge slowly).
+    computed too (dense: all eigenvalues; matrix-free: ARPACK ``eigs``).
     """
     n = theta.numel()
+    moving = _is_moving(metric, moving)
     if method == "auto":
         method = "dense" if n <= DENSE_LIMIT else "lanczos"
+    if method not in ("dense", "lanczos"):
+        raise ValueError(f"unknown method {method!r}; choose 'auto', 'dense' or 'lanczos'")
+    th = theta.detach()
     if method == "dense":
-        J = jacobian(field, theta, t, dense=True)
-        m = metric.matrix(theta) if metric is not None else None
-        mu = lognorm(J, "2", m)
+        J = jacobian(field, th, t, dense=True)
+        if metric is None:
+            mu = lognorm(J, 2)
+        else:
+            G = metric.matrix(th)
+            S = 0.5 * (G @ J + J.T @ G)
+            if moving:
+                f = _f(field, t)(th).detach()
+                G_dot = jvp(metric.matrix, (th,), (f,))[1]
+                S = S + 0.5 * G_dot
+            mu = _generalised_max(0.5 * (S + S.T), G)
         re = float(torch.linalg.eigvals(J).real.max()) if eigenvalues else None
         return Rate(mu, re, "dense")
-    if method != "lanczos":
-        raise ValueError(f"unknown method {method!r}; choose 'auto', 'dense' or 'lanczos'")
     op = JacobianOperator(field, theta, t)
     dtype, device = theta.dtype, theta.device
     if metric is None:
         sym = _as_numpy_op(n, lambda v: 0.5 * (op.mv(v) + op.rmv(v)), dtype, device)
         mu = float(eigsh(sym, k=1, which="LA", tol=tol, return_eigenvectors=False)[0])
     else:
-        th = theta.detach()
-        sym = _as_numpy_op(n, lambda v: 0.5 * (metric.apply(th, op.mv(v)) + op.rmv(metric.apply(th, v))), dtype,
-                           device)
+        g_dot = metric_derivative(metric, th, _f(field, t)(th).detach()) if moving else None
+
+        def pencil(v):
+            out = 0.5 * (metric.apply(th, op.mv(v)) + op.rmv(metric.apply(th, v)))
+            return out + 0.5 * g_dot(v) if g_dot is not None else out
+
+        sym = _as_numpy_op(n, pencil, dtype, device)
         g = _as_numpy_op(n, lambda v: metric.apply(th, v), dtype, device)
         g_inv = _as_numpy_op(n, lambda v: metric.solve(th, v), dtype, device)
         mu = float(eigsh(sym, k=1, M=g, Minv=g_inv, which="LA", tol=tol, return_eigenvectors=False)[0])
@@ -168,6 +228,14 @@ def rate(field, theta: torch.Tensor, metric=None, *, t: float = 0.0, method: str
     return Rate(mu, re, "lanczos")
 
 
+def _generalised_max(S: torch.Tensor, G: torch.Tensor) -> float:
+    """λ_max of the symmetric pencil (S, G), G SPD: the largest eigenvalue of L⁻¹SL⁻ᵀ with G = LLᵀ."""
+    low = torch.linalg.cholesky(0.5 * (G + G.T))
+    half = torch.linalg.solve_triangular(low, S, upper=False)
+    whole = torch.linalg.solve_triangular(low, half.T, upper=False)
+    return float(torch.linalg.eigvalsh(0.5 * (whole + whole.T))[-1])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Along a trajectory
 # --------------------------------------------------------------------------------------------------------
@@ -175,8 +243,10 @@ def rate(field, theta: torch.Tensor, metric=None, *, t: float = 0.0, method: str
 
 @dataclass
 class ContractionReport:
-    """μ(t) and max Re λ(t) at the output times, the bound B(t) = exp(∫₀ᵗ μ ds) (trapezoid rule between
-    outputs), and the intervals [t_a, t_b] on which μ < 0 with the worst (largest) μ on each."""
+    """μ(t) and max Re λ(t) at the output times, the certificate B(t) = exp(∫₀ᵗ μ ds) (trapezoid rule between
+    outputs: ‖δθ(t)‖_G ≤ B(t)‖δθ(0)‖_G for infinitesimal δθ), and the intervals [t_a, t_b] on which μ < 0 with the
+    worst (largest) μ on each. For a moving metric ``mu`` is the moving rate and ``mu_frozen`` the frozen one
+    (None otherwise), so the difference the Ġ term makes is visible."""
 
     t: torch.Tensor
     mu: torch.Tensor
@@ -184,11 +254,27 @@ class ContractionReport:
     bound: torch.Tensor
     contracting: list[tuple[float, float, float]]
     metric: str
+    mu_frozen: torch.Tensor | None = None
 
     @property
     def certified(self) -> bool:
         """μ < 0 at every output time."""
         return bool((self.mu < 0).all())
+
+    @property
+    def integral(self) -> torch.Tensor:
+        """∫₀ᵗ μ ds at the output times (log of the certificate)."""
+        return self.bound.log()
+
+    def fraction_contracting(self) -> float:
+        """The fraction of the run's duration on which μ < 0 (output intervals with μ < 0 at both ends, plus
+        half of those where it changes sign)."""
+        neg = (self.mu < 0).to(torch.float64)
+        dt = self.t[1:] - self.t[:-1]
+        span = float(self.t[-1] - self.t[0])
+        if span == 0:
+            return float(neg[0])
+        return float((0.5 * (neg[1:] + neg[:-1]) * dt).sum()) / span
 
 
 def _intervals(t, mu):
@@ -203,18 +289,174 @@ def _intervals(t, mu):
     return out
 
 
-def analyze(field, traj, metric=None, *, method: str = "auto", eigenvalues: bool = True) -> ContractionReport:
-    """Contraction rates along a (single) trajectory: one :func:`rate` per output time."""
+def _field_of(field, traj, what: str):
+    field = getattr(traj, "field", None) if field is None else field
+    if field is None:
+        raise ValueError(f"{what} needs the vector field: this trajectory carries none (it was loaded from a file or "
+                         "made outside flows.simulate); pass field=")
+    return field
+
+
+def analyze(field, traj, metric=None, *, method: str = "auto", eigenvalues: bool = True,
+            moving: bool | None = None, frozen: bool = True) -> ContractionReport:
+    """Contraction rates along a (single) trajectory: one :func:`rate` per output time, in the 2-norm or in
+    ``metric`` — moving (with Ġ) by default for metrics that depend on θ, in which case the frozen rate is
+    reported beside it (``frozen=False`` skips it, halving the cost). ``field=None`` takes the field the
+    trajectory remembers (``traj.field``)."""
+    field = _field_of(field, traj, "analyze")
     if traj.theta.ndim != 2:
         raise ValueError("analyze takes a single trajectory; use traj.member(i) for an ensemble")
-    rates = [rate(field, th, metric, t=float(ti), method=method, eigenvalues=eigenvalues)
+    moving = _is_moving(metric, moving)
+    rates = [rate(field, th, metric, t=float(ti), method=method, eigenvalues=eigenvalues, moving=moving)
              for ti, th in zip(traj.t, traj.theta)]
+    frozen_mu = None
+    if moving and frozen:
+        frozen_mu = torch.tensor([rate(field, th, metric, t=float(ti), method=method, eigenvalues=False,
+                                    moving=False).mu for ti, th in zip(traj.t, traj.theta)], dtype=torch.float64)
     mu = torch.tensor([r.mu for r in rates], dtype=torch.float64)
     re = torch.tensor([np.nan if r.max_real_eig is None else r.max_real_eig for r in rates], dtype=torch.float64)
     t = traj.t.to(torch.float64).cpu()
     integral = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumulative_trapezoid(mu, t)])
     name = "2-norm" if metric is None else (metric.describe().get("name") if hasattr(metric, "describe") else "M")
-    return ContractionReport(t, mu, re, integral.exp(), _intervals(t, mu), name)
+    if moving:
+        name += " (moving)"
+    return ContractionReport(t, mu, re, integral.exp(), _intervals(t, mu), name, frozen_mu)
+
+
+@dataclass
+class Lyapunov:
+    """Finite-time Lyapunov exponents of a run: ``exponents`` (k,), largest first, over [t₀, T]; ``running``
+    (T_out, k) the estimates over [t₀, t_i] at each output time (row 0 is NaN); ``trajectory`` the states."""
+
+    t: torch.Tensor
+    exponents: torch.Tensor
+    running: torch.Tensor
+    trajectory: object
+
+
+class _TangentField:
+    """ż = (f(θ), J V): the state θ (N) with k tangent vectors V (N × k), flattened to N(1 + k).
+
+    The k Jacobian–vector products go through one vmapped forward-mode pass (a loop over the columns where the
+    field cannot be vmapped): the field and its k directional derivatives in about one evaluation's time per
+    column, never forming J.
+    """
+
+    def __init__(self, field, n: int, k: int):
+        self.field, self.n, self.k = field, n, k
+        self.state_length = n * (1 + k)
+        self.problem = getattr(field, "problem", None)
+        self._vmapped = True
+
+    def theta_of(self, state):
+        return state[..., :self.n]
+
+    def __call__(self, t, state):
+        theta, tangents = state[:self.n], state[self.n:].reshape(self.n, self.k)
+
+        def one(v):
+            return jvp(lambda th: self.field(t, th), (theta,), (v,))
+
+        if self._vmapped:
+            try:
+                values, products = torch.func.vmap(one, in_dims=1, out_dims=(None, 1))(tangents)
+            except (RuntimeError, ValueError):  # a field with data-dependent Python control flow
+                self._vmapped = False
+        if not self._vmapped:
+            pairs = [one(tangents[:, i]) for i in range(self.k)]
+            values, products = pairs[0][0], torch.stack([p[1] for p in pairs], dim=1)
+        return torch.cat([values.detach(), products.detach().reshape(-1)])
+
+
+def lyapunov(field, theta0: torch.Tensor, t, *, k: int = 1, seed: int = 0, progress: bool = True,
+             **solver) -> Lyapunov:
+    """The k largest finite-time Lyapunov exponents along the run from θ₀ by the QR method (Benettin et al. 1980).
+
+    k tangent vectors δẋ = J(θ(t))δx ride with the state inside one solve (augmented state (θ, V), JVPs only,
+    memory O(N·k), so it runs at 10⁵ parameters); at every output time V = QR, log|R_ii| is accumulated and V ← Q.
+    λ_i ≈ (1/(T − t₀)) Σ log|R_ii|. For ẋ = Ax they tend to the real parts of A's eigenvalues; for the gradient flow
+    of ½θᵀHθ the largest is −λ_min(H). The output times ``t`` set the re-orthonormalisation interval: finer
+    grids keep the tangent vectors from collapsing onto the top direction. ``method``, ``rtol``, ``atol`` and
+    ``options`` go to torchdiffeq's ``odeint`` unchanged (one solve per output interval).
+    """
+    from torchdiffeq import odeint
+    from tqdm.auto import tqdm
+
+    theta0 = torch.as_tensor(theta0).detach()
+    if theta0.ndim != 1:
+        raise ValueError(f"lyapunov takes a single state θ₀ of shape (N,), got {tuple(theta0.shape)}")
+    n = theta0.numel()
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer between 1 and N = {n}, got {k!r}")
+    t = torch.as_tensor(t, dtype=theta0.dtype)
+    if t.ndim != 1 or len(t) < 2 or not bool((t[1:] > t[:-1]).all()):
+        raise ValueError("t must be an increasing 1-D grid of at least two output times")
+    gen = torch.Generator().manual_seed(seed)
+    tangents = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=theta0.dtype))[0]
+    augmented = _TangentField(field, n, k)
+    unknown = set(solver) - {"method", "rtol", "atol", "options"}
+    if unknown:
+        raise TypeError(f"lyapunov got unexpected keyword argument(s) {sorted(unknown)}; it passes method, rtol, atol "
+                        "and options to torchdiffeq")
+    logs = torch.zeros(len(t), k, dtype=torch.float64)
+    states = [theta0]
+    theta = theta0
+    for i in tqdm(range(1, len(t)), disable=None if progress else True, desc="lyapunov", leave=False):
+        state0 = torch.cat([theta, tangents.reshape(-1)])
+        end = odeint(augmented, state0, t[i - 1:i + 1], **solver)[-1]
+        if not bool(torch.isfinite(end).all()):
+            from flows.errors import FlowDivergedError
+            from flows.trajectory import Trajectory
+
+            partial = Trajectory(t[:i], torch.stack(states), field=field, problem=augmented.problem)
+            raise FlowDivergedError(f"the flow or its tangent vectors became non-finite between t={float(t[i - 1]):.6g}"
+                                    f" and t={float(t[i]):.6g}", t=float(t[i - 1]), theta=theta,
+                                    trajectory=partial, bad_time=float(t[i]))
+        theta, moved = end[:n], end[n:].reshape(n, k)
+        q, r = torch.linalg.qr(moved)
+        logs[i] = logs[i - 1] + r.diagonal().abs().log().to(torch.float64)
+        tangents = q
+        states.append(theta)
+    elapsed = (t - t[0]).to(torch.float64)
+    running = logs / elapsed[:, None]
+    running[0] = float("nan")
+    exponents, _ = torch.sort(running[-1], descending=True)
+    from flows.trajectory import Trajectory
+
+    traj = Trajectory(t, torch.stack(states), metadata={"lyapunov_k": k}, field=field,
+                      problem=getattr(field, "problem", None))
+    return Lyapunov(t, exponents, running, traj)
+
+
+@dataclass
+class StabilityReport:
+    """The three kinds of evidence on one time axis: contraction rates (μ, frozen μ, max Re λ), the certificate,
+    and the finite-time Lyapunov exponents; ``row`` is the one-line summary (max μ, fraction of time contracting,
+    ∫μ dt, top exponents, max Re λ)."""
+
+    contraction: ContractionReport
+    lyapunov: Lyapunov | None
+    row: dict
+
+
+def report(field, traj, metric=None, *, k: int = 3, method: str = "auto", eigenvalues: bool = True,
+           moving: bool | None = None, **solver) -> StabilityReport:
+    """A stability report for a run: :func:`analyze` along ``traj`` and :func:`lyapunov` (``k`` exponents, k = 0
+    skips them) from its first state over its output times. ``field=None`` uses ``traj.field``."""
+    field = _field_of(field, traj, "report")
+    contraction = analyze(field, traj, metric, method=method, eigenvalues=eigenvalues, moving=moving)
+    exponents = None
+    if k:
+        exponents = lyapunov(field, traj.theta[0], traj.t, k=min(k, traj.theta.shape[-1]), progress=False, **solver)
+    row = {
+        "metric": contraction.metric,
+        "max_mu": float(contraction.mu.max()),
+        "fraction_contracting": contraction.fraction_contracting(),
+        "integral_mu": float(contraction.integral[-1]),
+        "max_real_eig": float(np.nanmax(contraction.max_real_eig.numpy())) if eigenvalues else None,
+        "lyapunov": [float(e) for e in exponents.exponents] if exponents is not None else [],
+    }
+    return StabilityReport(contraction, exponents, row)
 
 
 @dataclass

@@ -92,6 +92,8 @@ class LowRankMetric(Metric):
     unless ``matrix`` is called. The metric is constant in θ (``theta`` arguments are ignored).
     """
 
+    depends_on_theta = False
+
     def __init__(self, scale: float | torch.Tensor, U: torch.Tensor, S: torch.Tensor):
         self.scale = scale
         self.U = U

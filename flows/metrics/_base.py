@@ -13,7 +13,13 @@ import torch
 
 
 class Metric(abc.ABC):
-    """An SPD metric G(θ) on parameter space."""
+    """An SPD metric G(θ) on parameter space.
+
+    ``depends_on_theta`` says whether G moves with θ: contraction rates of a moving metric include Ġ along the flow
+    (:func:`flows.contraction.rate`); for a constant metric freezing it is exact.
+    """
+
+    depends_on_theta: bool = True
 
     @abc.abstractmethod
     def solve(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -53,6 +59,8 @@ def _positive_float(value, name: str) -> float:
 class Euclidean(Metric):
     """G = scale · I: plain gradient flow (time rescaled by 1/scale). Cost O(N)."""
 
+    depends_on_theta = False
+
     def __init__(self, scale: float = 1.0):
         self.scale = _positive_float(scale, "scale")
 
@@ -72,6 +80,8 @@ class Euclidean(Metric):
 
 class Diagonal(Metric):
     """G = diag(weights), weights > 0: a fixed per-parameter preconditioner. Cost O(N)."""
+
+    depends_on_theta = False
 
     def __init__(self, weights):
         weights = torch.as_tensor(weights)
@@ -102,6 +112,8 @@ class Diagonal(Metric):
 
 class Constant(Metric):
     """A fixed SPD matrix M. Validated at construction; solves by a cached Cholesky factor, O(N²) each."""
+
+    depends_on_theta = False
 
     def __init__(self, matrix):
         m = torch.as_tensor(matrix)
