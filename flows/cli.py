@@ -70,7 +70,8 @@ COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("t_
 DEMO_COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("test_loss", "{:.4g}"),
                 ("test_accuracy", "{:.3f}"), ("nfe", "{}"),
                 ("wall_time_s", "{:.1f}"), ("action", "{:.4g}"), ("gap", "{:.3g}"), ("mu_start", "{:+.3g}"),
-                ("mu_end", "{:+.3g}"), ("psi_deg", "{}"), ("kappa_min", "{}")]
+                ("mu_end", "{:+.3g}"), ("mu_max", "{:+.3g}"), ("contracting", "{:.2f}"), ("integral_mu", "{:+.3g}"),
+                ("psi_deg", "{}"), ("kappa_min", "{}")]
 
 
 def format_table(rows: list[dict], columns=COLUMNS) -> str:
@@ -91,6 +92,21 @@ def format_markdown(rows: list[dict], columns=DEMO_COLUMNS) -> str:
     return "\n".join([head, rule, *body])
 
 
+def stability_row(rule, traj: flows.Trajectory, *, points: int = 5, tol: float = 1e-6) -> dict:
+    """The demo's stability summary of a run: μ₂(J) (matrix-free Lanczos on sym J) at ``points`` output times
+    spread over the run, giving the rate at the start and the end, its maximum, the fraction of the run spent
+    contracting and ∫μ dt (trapezoid between those times) — :func:`flows.contraction.report` without Lyapunov
+    exponents, which would cost another solve per rule."""
+    from flows.contraction import report
+
+    picks = torch.linspace(0, len(traj) - 1, min(points, len(traj))).round().long().unique()
+    coarse = flows.Trajectory(traj.t[picks], traj.theta[picks], field=rule, problem=traj.problem)
+    result = report(rule, coarse, k=0, method="lanczos", eigenvalues=False, tol=tol)
+    mu = result.contraction.mu
+    return {"mu_start": float(mu[0]), "mu_end": float(mu[-1]), "mu_max": result.row["max_mu"],
+            "contracting": result.row["fraction_contracting"], "integral_mu": result.row["integral_mu"]}
+
+
 def demo_rules(problem: flows.Problem, *, mu: float, metric_batch: int, seed: int) -> dict:
     """The four rules of ``flows demo``, all from the problem's θ₀."""
     return {
@@ -104,7 +120,6 @@ def demo_rules(problem: flows.Problem, *, mu: float, metric_batch: int, seed: in
 
 
 def _run_demo(args) -> int:
-    from flows.contraction import rate
     from flows.natural import recover
 
     out = Path(args.out)
@@ -123,10 +138,7 @@ def _run_demo(args) -> int:
         reports[label] = flows.action.action(traj)
         row = summarize(label, problem, traj)
         row.update({k: reports[label].summary()[k] for k in ("action", "gap", "loss_drop", "length")})
-        # the contraction rate μ₂(J) at the start and the end, matrix-free (Lanczos on sym J)
-        row["mu_start"], row["mu_end"] = (rate(rule, theta, t=float(ti), method="lanczos", eigenvalues=False,
-                                                tol=args.lanczos_tol).mu
-                                           for ti, theta in ((t[0], traj.theta[0]), (traj.t[-1], traj.theta[-1])))
+        row.update(stability_row(rule, traj, tol=args.lanczos_tol))
         if label == "feedback_alignment":
             rec = recover(rule, problem, traj, strict=False)  # κ_min is NaN where FA is not effective (ψ ≥ 90°)
             psi = torch.rad2deg(rec.psi)

@@ -298,7 +298,7 @@ def _field_of(field, traj, what: str):
 
 
 def analyze(field, traj, metric=None, *, method: str = "auto", eigenvalues: bool = True,
-            moving: bool | None = None, frozen: bool = True) -> ContractionReport:
+            moving: bool | None = None, frozen: bool = True, tol: float = 1e-10) -> ContractionReport:
     """Contraction rates along a (single) trajectory: one :func:`rate` per output time, in the 2-norm or in
     ``metric`` — moving (with Ġ) by default for metrics that depend on θ, in which case the frozen rate is
     reported beside it (``frozen=False`` skips it, halving the cost). ``field=None`` takes the field the
@@ -307,12 +307,13 @@ def analyze(field, traj, metric=None, *, method: str = "auto", eigenvalues: bool
     if traj.theta.ndim != 2:
         raise ValueError("analyze takes a single trajectory; use traj.member(i) for an ensemble")
     moving = _is_moving(metric, moving)
-    rates = [rate(field, th, metric, t=float(ti), method=method, eigenvalues=eigenvalues, moving=moving)
+    rates = [rate(field, th, metric, t=float(ti), method=method, eigenvalues=eigenvalues, moving=moving, tol=tol)
              for ti, th in zip(traj.t, traj.theta)]
     frozen_mu = None
     if moving and frozen:
         frozen_mu = torch.tensor([rate(field, th, metric, t=float(ti), method=method, eigenvalues=False,
-                                    moving=False).mu for ti, th in zip(traj.t, traj.theta)], dtype=torch.float64)
+                                       moving=False, tol=tol).mu for ti, th in zip(traj.t, traj.theta)],
+                                 dtype=torch.float64)
     mu = torch.tensor([r.mu for r in rates], dtype=torch.float64)
     re = torch.tensor([np.nan if r.max_real_eig is None else r.max_real_eig for r in rates], dtype=torch.float64)
     t = traj.t.to(torch.float64).cpu()
@@ -440,11 +441,11 @@ class StabilityReport:
 
 
 def report(field, traj, metric=None, *, k: int = 3, method: str = "auto", eigenvalues: bool = True,
-           moving: bool | None = None, **solver) -> StabilityReport:
+           moving: bool | None = None, tol: float = 1e-10, **solver) -> StabilityReport:
     """A stability report for a run: :func:`analyze` along ``traj`` and :func:`lyapunov` (``k`` exponents, k = 0
     skips them) from its first state over its output times. ``field=None`` uses ``traj.field``."""
     field = _field_of(field, traj, "report")
-    contraction = analyze(field, traj, metric, method=method, eigenvalues=eigenvalues, moving=moving)
+    contraction = analyze(field, traj, metric, method=method, eigenvalues=eigenvalues, moving=moving, tol=tol)
     exponents = None
     if k:
         exponents = lyapunov(field, traj.theta[0], traj.t, k=min(k, traj.theta.shape[-1]), progress=False, **solver)

@@ -430,3 +430,39 @@ def sweep_table(out, *, by: str | list[str] = "rule",
     ax.axis("off")
     ax.table(cellText=cells, colLabels=[*keys, "runs", *present], loc="center")
     return fig
+
+
+def stability_report(report, *, title: str | None = None) -> Figure:
+    """The three kinds of stability evidence of :func:`flows.contraction.report` on one time axis: the contraction
+    rate μ(t) (moving metric, and frozen where both were measured) with max Re λ(J); the certificate
+    exp(∫₀ᵗ μ ds) on a log scale; the running finite-time Lyapunov exponents."""
+    contraction, exponents = report.contraction, report.lyapunov
+    fig = Figure(figsize=(7.0, 7.5), layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True)
+    t = contraction.t.numpy()
+    axes[0].plot(t, contraction.mu.numpy(), label=f"μ ({contraction.metric})")
+    if contraction.mu_frozen is not None:
+        axes[0].plot(t, contraction.mu_frozen.numpy(), ls="--", label="μ, frozen metric (Ġ = 0)")
+    if not bool(contraction.max_real_eig.isnan().all()):
+        axes[0].plot(t, contraction.max_real_eig.numpy(), ls=":", label="max Re λ(J)")
+    axes[0].axhline(0.0, color="gray", lw=0.8)
+    axes[0].set_ylabel("rate")
+    axes[0].legend(fontsize="small")
+    axes[1].semilogy(t, contraction.bound.numpy(), color="tab:red", label="exp(∫₀ᵗ μ ds)")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[1].set_ylabel("‖δθ(t)‖ / ‖δθ(0)‖ ≤")
+    axes[1].legend(fontsize="small")
+    if exponents is not None:
+        for i in range(exponents.running.shape[1]):
+            axes[2].plot(exponents.t.numpy(), exponents.running[:, i].numpy(), label=f"λ_{i + 1}(t)")
+        axes[2].axhline(0.0, color="gray", lw=0.8)
+        axes[2].legend(fontsize="small")
+    else:
+        axes[2].text(0.5, 0.5, "no Lyapunov exponents (k = 0)", ha="center", va="center", transform=axes[2].transAxes)
+    axes[2].set_ylabel("finite-time Lyapunov exponents")
+    axes[2].set_xlabel("solver time t")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -67,6 +67,14 @@ def test_demo_writes_outputs_and_its_table_matches_summary(tmp_path, capsys):
         assert row["action"] == pytest.approx(row["gap"] + row["loss_drop"], rel=1e-5)
     rows = {r["run"]: r for r in summary["runs"]}
     assert rows["euclidean"]["gap"] <= 1e-8 * rows["euclidean"]["loss_drop"]  # Euclidean flow attains the bound
+    # the stability row: μ₂ at θ₀ against a dense eigen-solve of sym J (jacrev), and its summary statistics
+    problem = flows.Problem(flows.data.mlp([64, 6, 10], seed=0), "cross_entropy", (x_train, y_train))
+    jac = torch.func.jacrev(lambda th: -problem.grad(th))(problem.theta0)
+    dense_mu = float(torch.linalg.eigvalsh(0.5 * (jac + jac.T))[-1])
+    euclid = rows["euclidean"]
+    assert euclid["mu_start"] == pytest.approx(dense_mu, rel=1e-3, abs=1e-4)  # Lanczos at tol 1e-4
+    for row in summary["runs"]:
+        assert row["mu_max"] >= max(row["mu_start"], row["mu_end"]) and 0.0 <= row["contracting"] <= 1.0
     assert rows["feedback_alignment"]["psi_deg"] in printed
     trajs = [flows.Trajectory.load(out / f"{r}.npz") for r in rules]
     assert all(torch.equal(trajs[0].theta[0], tr.theta[0]) for tr in trajs)  # one θ₀
