@@ -55,7 +55,13 @@ class _MonitoredField:
 
     torchdiffeq calls ``callback_step(t0, y0, dt)`` at the start of every step: y0 is then an accepted state,
     which is what a divergence report keeps (the last one, and the first one past each output time).
+
+    Per evaluation it costs one reduction (the finiteness test) and a few attribute updates; bookkeeping that
+    needs solver time as a float (output times passed, the progress bar) runs once per step, and the bar is
+    redrawn only when the solve has advanced by another 1/200 of the span (benchmarks/simulate_overhead.py).
     """
+
+    _BAR_TICKS = 200
 
     def __init__(self, field, t_out: torch.Tensor, pbar, callbacks: set[str]):
         self.field = field
@@ -69,6 +75,9 @@ class _MonitoredField:
         self._direction = 1.0 if len(t_out) < 2 or t_out[-1] >= t_out[0] else -1.0
         self._t_out = [float(x) for x in t_out]
         self._next_out = 0
+        self._next_t = self._t_out[0]  # the next output time to pass (±inf once all are passed)
+        self._bar_tick = abs(self._t_out[-1] - self._t0) / self._BAR_TICKS
+        self._bar_next = self._t0
         self.record: list[tuple[float, torch.Tensor]] = []
         self.nfe_at_output: list[int] = []  # evaluations spent before the solver passed each output time
         self.last: tuple[float, torch.Tensor] | None = None
@@ -92,11 +101,18 @@ class _MonitoredField:
 
     def _keep(self, t: float, y: torch.Tensor) -> None:
         self.last = (t, y)
-        out = self._t_out
-        while self._next_out < len(out) and (t - out[self._next_out]) * self._direction >= 0:
-            self.record.append((t, y))
-            self.nfe_at_output.append(self.nfe)
-            self._next_out += 1
+        if (t - self._next_t) * self._direction >= 0:
+            out = self._t_out
+            while self._next_out < len(out) and (t - out[self._next_out]) * self._direction >= 0:
+                self.record.append((t, y))
+                self.nfe_at_output.append(self.nfe)
+                self._next_out += 1
+            self._next_t = out[self._next_out] if self._next_out < len(out) else math.inf * self._direction
+        if self.pbar is not None and (t - self._bar_next) * self._direction >= 0:
+            done = (t - self._t0) * self._direction
+            if done > self.pbar.n:
+                self.pbar.update(done - self.pbar.n)
+            self._bar_next = t + self._bar_tick * self._direction
 
     def __call__(self, t, y):
         self.nfe += 1
@@ -106,15 +122,11 @@ class _MonitoredField:
             raise ValueError(f"the field returned {shape} for a state of shape {tuple(y.shape)}")
         # one reduction is the cheap test (NaN/inf propagate into the sum); an overflowing sum of finite
         # values is told apart by the exact elementwise check, which runs only then
-        if not math.isfinite(float(dy.sum())) and not bool(torch.isfinite(dy).all()):
+        if not math.isfinite(dy.sum().item()) and not bool(torch.isfinite(dy).all()):
             raise _NonFinite(float(t), y)
         if not self._step_callbacks:
             self._keep(float(t), y)
-        if self.pbar is not None:
-            done = (float(t) - self._t0) * self._direction
-            if done > self.pbar.n:
-                self.pbar.update(done - self.pbar.n)
-        return dy.detach()
+        return dy.detach() if dy.requires_grad else dy
 
 
 def _check_inputs(theta0, t, method, rtol, atol, problem, field=None):
@@ -133,14 +145,25 @@ def _check_inputs(theta0, t, method, rtol, atol, problem, field=None):
         )
     if not bool(torch.isfinite(theta0).all()):
         raise ValueError("theta0 contains non-finite values")
-    t = torch.as_tensor(t, dtype=theta0.dtype, device=theta0.device)
+    if theta0.numel() == 0:
+        raise ValueError(f"theta0 is empty (shape {tuple(theta0.shape)})")
+    try:
+        t = torch.as_tensor(t, dtype=theta0.dtype, device=theta0.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"t must be a 1-D sequence of output times, got {type(t).__name__}: {exc}") from None
     if t.ndim != 1 or t.numel() < 2:
         raise ValueError(f"t must be a 1-D tensor of at least 2 output times, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"t contains non-finite output times: {t.tolist()}")
     steps = t[1:] - t[:-1]
     if not (bool((steps > 0).all()) or bool((steps < 0).all())):
         raise ValueError("t must be strictly increasing or strictly decreasing")
     if _SOLVERS is not None and method not in _SOLVERS:
         raise ValueError(f"unknown method {method!r}; torchdiffeq offers {methods()}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and not (isinstance(tol, int | float) and not isinstance(tol, bool) and math.isfinite(tol)
+                                    and tol >= 0):
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {tol!r}")
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(theta0.dtype, (1e-7, 1e-9))
     if method not in FIXED_GRID_METHODS and theta0.dtype != torch.float64 and (rtol is not None or atol is not None):
         # the solver asks for |error_i| ≤ atol + rtol·|θ_i|; below ~10 ulp of θ_i that cannot be met
@@ -227,7 +250,17 @@ def simulate(
     problem = getattr(field, "problem", None) if problem is None else problem
     # a field whose state is more than θ (momentum, optimiser moments) says how to read θ from it
     observe = getattr(field, "theta_of", None)
+    if not callable(field):
+        raise TypeError(f"field must be callable f(t, theta) -> dtheta/dt, got {type(field).__name__}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a torchdiffeq method name, got {type(method).__name__}")
     theta0, t, rtol, atol = _check_inputs(theta0, t, method, rtol, atol, problem, field)
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of torchdiffeq solver options, got {type(options).__name__}")
+    step = (options or {}).get("step_size")
+    if step is not None and not (isinstance(step, int | float) and not isinstance(step, bool) and math.isfinite(step)
+                                 and step > 0):
+        raise ValueError(f"options['step_size'] must be a finite number > 0, got {step!r}")
     options = dict(options) if options is not None else None
     bound_event = as_event(event)
     if bound_event is not None and bound_event.needs_problem:
