@@ -219,7 +219,8 @@ class Layerwise(Metric):
         out = []
         for name, sl, _ in self.blocks:
             k = factors[name]
-            out.append(k.T @ (k @ v[sl]) + self._mass_matrix(name, k.shape[1], theta) @ v[sl])
+            mass = self._mass.get(name)
+            out.append(k.T @ (k @ v[sl]) + (mass * v[sl] if mass is not None else self.mu * v[sl]))
         return torch.cat(out)
 
     def apply(self, theta, v):
