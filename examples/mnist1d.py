@@ -78,7 +78,7 @@ def main() -> int:
     problem = flows.Problem(cnn(seed), "cross_entropy", (x[:n_train], y[:n_train]),
                             eval_data={"test": (x_test[:n_test], y_test[:n_test])})
     # output times spaced geometrically: the curves are drawn against evaluations on a log axis
-    t = torch.cat([torch.zeros(1), torch.logspace(-3, 0, points - 1) * t_end]).to(torch.float64)
+    t = torch.cat([torch.zeros(1), torch.logspace(-2, 0, points - 1) * t_end]).to(torch.float64)
     print(f"MNIST-1D: {n_train} training and {n_test} test sequences; {problem}; t ∈ [0, {t_end:g}], "
           f"dopri5 rtol={tol:g} atol={tol * 1e-2:g}, at most {max_steps} steps per rule", flush=True)
 
