@@ -53,11 +53,12 @@ def main() -> None:
     serial_2 = time.perf_counter() - start
     print(f"serial, 2 threads: {serial_2:7.2f} s", flush=True)
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from flows.sweep import local_cluster
 
     start = time.perf_counter()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
+    with local_cluster(2) as cluster, Client(cluster) as client:
         startup = time.perf_counter() - start
         warm = tempfile.mkdtemp()
         run(Grid(base, {"seed": [100, 101]}), out=warm, client=client, progress=False)  # warm both workers

@@ -16,10 +16,11 @@ DIVERGES = {"dataset": "teacher_student", "samples": 32, "hidden": [4], "method"
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as connected:
+    from flows.sweep import local_cluster
+
+    with local_cluster(2) as cluster, Client(cluster) as connected:
         yield connected
 
 
