@@ -16,7 +16,7 @@ import torch
 import flows
 from flows._io import write_text
 
-METRICS = ("euclidean", "natural", "layerwise", "kfac")
+METRICS = flows.metrics.NAMES
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -32,16 +32,8 @@ def digits_problem(hidden: list[int], *, samples: int | None = None, seed: int =
 
 
 def make_metric(name: str, problem: flows.Problem, *, mu: float, metric_batch: int | None, seed: int = 0):
-    """The metric called ``name`` on the command line (μ is the damping of the curvature metrics)."""
-    if name == "euclidean":
-        return flows.metrics.Euclidean()
-    if name == "natural":
-        return flows.metrics.NaturalGradient(problem, mu=mu, metric_batch=metric_batch, seed=seed)
-    if name == "layerwise":
-        return flows.metrics.Layerwise(problem, mu=mu, metric_batch=metric_batch, seed=seed)
-    if name == "kfac":
-        return flows.metrics.KFAC(problem, damping=mu, metric_batch=metric_batch, seed=seed)
-    raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
+    """The metric called ``name`` on the command line (:func:`flows.metrics.by_name`)."""
+    return flows.metrics.by_name(name, problem, mu=mu, metric_batch=metric_batch, seed=seed)
 
 
 def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dict:

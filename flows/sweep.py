@@ -235,9 +235,7 @@ def build(spec: RunSpec):
     problem = flows.Problem(model, loss, train, eval_data={"test": test})
     if spec.rule == "feedback_alignment":
         return problem, flows.rules.FeedbackAlignment(problem, seed=spec.seed)
-    from flows.cli import make_metric
-
-    metric = make_metric(spec.metric, problem, mu=spec.mu, metric_batch=spec.metric_batch, seed=spec.seed)
+    metric = flows.metrics.by_name(spec.metric, problem, mu=spec.mu, metric_batch=spec.metric_batch, seed=spec.seed)
     return problem, flows.rules.GradientFlow(problem, metric)
 
 
