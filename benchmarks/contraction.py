@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, time_side_by_side, write_results  # noqa: E402
+from _common import setup, time_each, write_results  # noqa: E402
 
 import flows  # noqa: E402
 from flows.contraction import lyapunov, rate  # noqa: E402
@@ -50,12 +50,12 @@ def main(argv=None) -> int:
 
     small, small_field = digits_flow([64, 27, 10], 256)
     results = {}
-    timing = time_side_by_side({
+    timing = time_each({
         "dense": lambda: results.__setitem__("dense", rate(small_field, small.theta0, method="dense",
                                                            eigenvalues=False)),
         "lanczos": lambda: results.__setitem__("lanczos", rate(small_field, small.theta0, method="lanczos",
                                                                eigenvalues=False)),
-    }, repeats=2 if args.quick else 5)
+    }, repeats=2 if args.quick else 5, warmup=1)
     rel = abs(results["lanczos"].mu - results["dense"].mu) / abs(results["dense"].mu)
     speedup = timing["dense"]["median_s"] / timing["lanczos"]["median_s"]
     print(f"MLP 64-27-10: N = {small.num_params}: dense {timing['dense']['median_s']:.2f} s, Lanczos "
@@ -66,12 +66,12 @@ def main(argv=None) -> int:
     layerwise = flows.metrics.Layerwise(mproblem, mu=1e-2, metric_batch=8)
     mfield = flows.rules.GradientFlow(mproblem, layerwise)
     rates = {}
-    frozen_t = time_side_by_side({"frozen": lambda: rates.__setitem__("frozen", rate(
+    frozen_t = time_each({"frozen": lambda: rates.__setitem__("frozen", rate(
         mfield, mproblem.theta0, layerwise, method="lanczos", eigenvalues=False, moving=False, tol=1e-6))},
-        repeats=1 if not args.quick else 2)
-    moving_t = time_side_by_side({"moving": lambda: rates.__setitem__("moving", rate(
+        repeats=1 if not args.quick else 2, warmup=1)
+    moving_t = time_each({"moving": lambda: rates.__setitem__("moving", rate(
         mfield, mproblem.theta0, layerwise, method="lanczos", eigenvalues=False, moving=True, tol=1e-6))},
-        repeats=1 if not args.quick else 2)
+        repeats=1 if not args.quick else 2, warmup=1)
     moving_ratio = moving_t["moving"]["min_s"] / frozen_t["frozen"]["min_s"]
     print(f"moving-metric rate, N = {mproblem.num_params}, Layerwise: frozen {frozen_t['frozen']['min_s']:.1f} s "
           f"(μ = {rates['frozen'].mu:+.4e}), moving {moving_t['moving']['min_s']:.1f} s "
@@ -83,12 +83,12 @@ def main(argv=None) -> int:
     steps, horizon = (40, 4.0) if args.quick else (200, 20.0)
     grid = __import__("torch").linspace(0, horizon, 21, dtype=lproblem.dtype)
     options = {"step_size": horizon / steps}
-    plain = time_side_by_side({"plain": lambda: flows.simulate(lfield, lproblem.theta0, grid, method="rk4",
+    plain = time_each({"plain": lambda: flows.simulate(lfield, lproblem.theta0, grid, method="rk4",
                                                                options=options, progress=False, record=False)},
-                              repeats=3)
+                              repeats=3, warmup=1)
     spectrum = {}
-    lyap = time_side_by_side({"lyapunov": lambda: spectrum.__setitem__("r", lyapunov(
-        lfield, lproblem.theta0, grid, k=5, method="rk4", options=options, progress=False))}, repeats=3)
+    lyap = time_each({"lyapunov": lambda: spectrum.__setitem__("r", lyapunov(
+        lfield, lproblem.theta0, grid, k=5, method="rk4", options=options, progress=False))}, repeats=3, warmup=1)
     lyap_ratio = lyap["lyapunov"]["min_s"] / plain["plain"]["min_s"]
     print(f"Lyapunov top-5, N = {lproblem.num_params}, {steps} RK4 steps: plain {plain['plain']['min_s']:.2f} s, "
           f"with 5 tangents {lyap['lyapunov']['min_s']:.2f} s: {lyap_ratio:.2f}× (target ≤ 3); exponents "
