@@ -188,7 +188,8 @@ class Grid:
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
-            raise RuntimeError("reading sweep files needs Python ≥ 3.11 (tomllib)") from None
+            raise ImportError("reading sweep files needs Python ≥ 3.11 (the standard library's tomllib); on 3.10 "
+                              "build the Grid in Python instead") from None
         if not path.is_file():
             raise FileNotFoundError(f"no sweep file at {str(path)!r}")
         try:
