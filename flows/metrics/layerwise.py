@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
-from flows.metrics.natural_gradient import NaturalGradient, select_metric_batch
+from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
-from flows.modules import LinearOps, _backward, _forward, leaves, structure
+from flows.modules import read
 
 SOLVERS = ("auto", "dual", "primal")
 
@@ -29,43 +29,81 @@ def _eye(n, like):
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
-def _block_slices(problem, tree) -> list[tuple[str, slice, object]]:
-    """(name, slice of θ, leaf) for every leaf with parameters; checks they tile θ in order."""
-    offsets, start = {}, 0
-    for name, numel in zip(problem._names, problem._numels):
-        offsets[name] = (start, start + numel)
-        start += numel
-    blocks, expected = [], 0
-    for leaf in leaves(tree):
-        if not leaf.has_params:
-            continue
-        spans = [offsets[n] for n in leaf.names]
-        lo, hi = spans[0][0], spans[-1][1]
-        if lo != expected or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-            raise ValueError(f"the parameters of module {leaf.prefix!r} are not contiguous in θ")
-        blocks.append((leaf.prefix, slice(lo, hi), leaf))
-        expected = hi
-    if expected != problem.num_params:
-        raise ValueError(f"the modules' parameters cover {expected} of the problem's {problem.num_params} parameters")
-    return blocks
+def _param_spans(problem) -> dict[str, tuple[int, int]]:
+    """θ offsets (start, stop) of every named parameter, from ``problem.blocks``."""
+    spans = {}
+    for block in problem.blocks:
+        start = block.start
+        for name, shape in zip(block.param_names, block.shapes):
+            spans[name] = (start, start + shape.numel())
+            start += shape.numel()
+    return spans
+
+
+def resolve_blocks(problem, blocks) -> list[tuple[str, slice, tuple[str, ...]]]:
+    """(name, slice of θ, parameter names) per block, in θ order, tiling θ.
+
+    ``blocks`` is None (``problem.blocks``: one per module that owns parameters) or a list whose items are a
+    :class:`flows.problem.Block`, a (name, slice) pair, a parameter-name pattern (``fnmatch``; "layer1.*" or a
+    module path, which matches its parameters), or a list of patterns (one block for all their parameters)."""
+    import fnmatch
+
+    spans = _param_spans(problem)
+    names = list(spans)
+    if blocks is None:
+        return [(b.name, b.slice, tuple(b.param_names)) for b in problem.blocks]
+    out = []
+    for item in blocks:
+        if hasattr(item, "slice") and hasattr(item, "name"):
+            name, sl = item.name, item.slice
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], slice):
+            name, sl = item
+        else:
+            patterns = [item] if isinstance(item, str) else list(item)
+            if not all(isinstance(q, str) for q in patterns):
+                raise TypeError(f"a block is a Block, a (name, slice) pair, a name pattern or a list of patterns; "
+                                f"got {item!r}")
+            chosen = [n for n in names if any(fnmatch.fnmatchcase(n, q) or n.startswith(q + ".") for q in patterns)]
+            if not chosen:
+                raise ValueError(f"block {item!r} matches no parameter; parameters are {names}")
+            lo, hi = spans[chosen[0]][0], spans[chosen[-1]][1]
+            if [n for n in names if lo <= spans[n][0] < hi] != chosen:
+                raise ValueError(f"block {item!r} must name parameters contiguous in θ; it matches {chosen}")
+            name, sl = (item if isinstance(item, str) else "+".join(patterns)), slice(lo, hi)
+        inside = tuple(n for n in names if sl.start <= spans[n][0] < sl.stop)
+        if not inside or spans[inside[0]][0] != sl.start or spans[inside[-1]][1] != sl.stop:
+            raise ValueError(f"block {name!r} (θ[{sl.start}:{sl.stop}]) must cover whole parameters")
+        out.append((name, sl, inside))
+    out.sort(key=lambda b: b[1].start)
+    covered = [(s.start, s.stop) for _, s, _ in out]
+    if covered[0][0] != 0 or covered[-1][1] != problem.num_params or any(
+            a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        raise ValueError(f"blocks must tile θ (0…{problem.num_params}) without gaps or overlaps; got spans {covered}")
+    return out
 
 
 class Layerwise(Metric):
-    """Block-diagonal layerwise metric G_a = μI + K_aᵀK_a, one block per module with parameters.
+    """Block-diagonal layerwise metric G_a = μI + K_aᵀK_a over the blocks of θ (MATH.md §2.2–2.4).
+
+    The model is read as a module graph (:func:`flows.modules.read`, torch.fx); costates and factor rows are swept
+    backward over it, summed over consumers, so K_a = L_o ∂y/∂w_a and G_a is exactly the diagonal block of
+    μI + JᵀM_oJ for the parameters of block a — for residual, branching, convolutional and attention models alike.
+    A module called more than once contributes the sum of its calls' K. A model the graph reader refuses
+    (untraceable control flow, in-place operations, batch norm in training mode, ops mixing samples) raises a
+    ValueError naming the module; the metric never falls back to another one.
 
     Args:
-        problem: a :class:`flows.Problem` whose model is a chain of modules (``nn.Sequential``,
-            :class:`flows.modules.Chain` / ``Parallel`` of Linear, activation and any other per-sample modules).
-            For any other model pass ``blocks``.
+        problem: a :class:`flows.Problem`.
         mu: the mass μ > 0 of every block; ``mass`` overrides it per block name with a scalar or a positive
             diagonal (n_a,).
         output: output metric, as for :class:`NaturalGradient` (``"auto"``, ``"identity"``, ``"fisher"``,
             ``"ggn"``, ``"sampled_fisher"`` with ``probes`` rows per sample).
         metric_batch: samples in the metric (None: all); a count picks a fixed subset with ``seed``.
         solver: ``"auto"`` (primal when n_a < d), ``"dual"`` or ``"primal"``.
-        structured: use the closed forms for Linear modules (False: the generic per-sample VJP path everywhere).
-        blocks: for a model that is not a chain: a list of (name, slice) that tiles θ (``problem.blocks`` is
-            one); K comes from per-sample Jacobians of the whole model and each block is inverted as above.
+        structured: use the structured operators (Linear: Gram, K g and Kᵀu without K); False: the generic
+            per-sample VJP path everywhere.
+        blocks: None (``problem.blocks``, one per module that owns parameters) or a list of blocks — see
+            :func:`resolve_blocks` (Block objects, (name, slice) pairs, parameter-name patterns).
     """
 
     def __init__(self, problem, mu: float = 1.0, output: str = "auto", metric_batch=None, *, seed: int = 0,
@@ -79,19 +117,10 @@ class Layerwise(Metric):
         self.indices = select_metric_batch(metric_batch, problem.batch_size, seed, problem.device)
         self.inputs = problem.inputs if self.indices is None else problem.inputs[self.indices]
         self.targets = problem.targets if self.indices is None else problem.targets[self.indices]
-        if blocks is None:
-            self.tree = structure(problem.model, structured=structured)
-            self.blocks = _block_slices(problem, self.tree)
-            self._jacobian_metric = None
-        else:
-            self.tree = None
-            self.blocks = [(getattr(b, "name", None) or b[0], getattr(b, "slice", None) or b[1], None) for b in blocks]
-            covered = sorted((s.start, s.stop) for _, s, _ in self.blocks)
-            if covered[0][0] != 0 or covered[-1][1] != problem.num_params or any(
-                    a[1] != b[0] for a, b in zip(covered, covered[1:])):
-                raise ValueError(f"blocks must tile θ (0…{problem.num_params}) without gaps or overlaps; "
-                                 f"got spans {covered}")
-            self._jacobian_metric = NaturalGradient(problem, mu, output, metric_batch, seed=seed, probes=probes)
+        self.graph = read(problem.model, structured=structured)
+        self.graph.check_per_sample(problem.unflatten(problem.theta0), self.inputs)
+        resolved = resolve_blocks(problem, blocks)
+        self._plan(problem, resolved)
         self._mass = {}
         for name, value in (mass or {}).items():
             size = next((s.stop - s.start for n, s, _ in self.blocks if n == name), None)
@@ -106,42 +135,142 @@ class Layerwise(Metric):
         if self.output == "ggn":
             check_separable(problem._outputs(problem.theta0, self.inputs), self.targets, problem.loss_fn)
 
+    def _plan(self, problem, resolved):
+        """Which blocks a node's K feeds. A block that is exactly one module node's parameters, called once, is
+        solved at that node (structured where the node has a structured operator); any other block (a module
+        called twice, parameters read directly, a block spanning modules or part of one) collects its K columns
+        from every node that touches it and is solved after the sweep."""
+        spans = _param_spans(problem)
+        owner = {}
+        for i, (_, _, names) in enumerate(resolved):
+            for n in names:
+                owner[n] = i
+        calls: dict = {}
+        for node in self.graph.module_nodes:
+            for n in node.param_names:
+                calls[n] = calls.get(n, 0) + 1
+        self._direct: dict = {}  # node name → block index
+        self._collect: dict = {}  # node name → [(block index, node columns, block columns)]
+        blocks = []
+        for i, (name, sl, names) in enumerate(resolved):
+            direct = [v for v in self.graph.module_nodes if v.kind == "module" and v.param_names == names
+                      and all(calls[n] == 1 for n in names)]
+            blocks.append((name, sl, direct[0].ops if direct else None))
+            if direct:
+                self._direct[direct[0].name] = i
+        for node in self.graph.module_nodes:
+            if node.name in self._direct:
+                continue
+            pieces, col = [], 0
+            for n in node.param_names:
+                size = spans[n][1] - spans[n][0]
+                i = owner[n]
+                start = spans[n][0] - resolved[i][1].start
+                pieces.append((i, slice(col, col + size), slice(start, start + size)))
+                col += size
+            self._collect[node.name] = pieces
+        self.blocks = blocks
+        self._block_params = [names for _, _, names in resolved]
+
     # -- the sweep ---------------------------------------------------------------------------------------
     def _rows(self, outputs):
-        return output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
+        rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
                            seed=self.seed)
+        return rows.reshape(*rows.shape[:2], *outputs.shape[1:])
 
-    def sweep(self, theta: torch.Tensor, visit, *, costate: bool = False):
-        """Forward on the metric batch, then the backward sweep of factor rows (and, with ``costate``, the
-        costate λ as one extra row per sample). ``visit(name, slice, leaf, x, p, rows, lam)`` per block."""
+    def _run(self, theta, on_direct, on_collect, *, costate: bool = False):
+        """Forward on the metric batch and the backward sweep of factor rows (with ``costate``, λ rides along as one
+        extra row per sample). ``on_direct(i, node, ins, p, rows, lam, k)`` at nodes that are a whole block;
+        ``on_collect(node, k, lam_k)`` with K (d × n_node) and the node gradient at the others."""
         params = self.problem.unflatten(theta)
-        trace: dict = {}
-        y = _forward(self.tree, self.inputs, params, trace)
+        trace = self.graph.forward(params, self.inputs)
+        y = trace.output
         rows = self._rows(y)
         r = rows.shape[1]
         if costate:
             lam = torch.func.grad(lambda out: self.problem.loss_fn(out, self.targets))(y)
-            rows = torch.cat([rows, lam.reshape(lam.shape[0], 1, -1)], dim=1)
-        by_leaf = {id(leaf): (name, sl) for name, sl, leaf in self.blocks}
+            rows = torch.cat([rows, lam[:, None]], dim=1)
 
-        def on_leaf(leaf, x, p, ext_rows):
-            if id(leaf) in by_leaf:
-                name, sl = by_leaf[id(leaf)]
-                visit(name, sl, leaf, x, p, ext_rows[:, :r], ext_rows[:, r] if costate else None)
+        def visit(node, ins, p, ext, k):
+            rows_, lam = (ext[:, :r], ext[:, r]) if costate else (ext, None)
+            k_rows = None if k is None else k[:, :r]
+            grad = None
+            if costate:
+                grad = k[:, r].sum(0) if k is not None else node.ops.vjp_param(p, ins, lam)
+            if node.name in self._direct:
+                on_direct(self._direct[node.name], node, ins, p, rows_, grad, k_rows)
+            else:
+                k_rows = k_rows if k_rows is not None else node.ops.k_rows(p, ins, rows_)
+                on_collect(node, k_rows.reshape(-1, k_rows.shape[-1]), grad)
 
-        _backward(self.tree, rows, params, trace, on_leaf, need_input=False)
+        from flows.modules import backward
+
+        backward(self.graph, trace, rows, visit)
+
+    def _gather(self, theta, vectors, *, costate: bool = False, solve: bool = True):
+        """Per block: the solve G_a⁻¹ v_a (``solve``) or K_a (not ``solve``); with ``costate`` v is the gradient."""
+        out = [None] * len(self.blocks)
+        k_acc: dict = {}
+        g_acc: dict = {}
+
+        def on_direct(i, node, ins, p, rows, grad, k):
+            v = grad if costate else vectors[self.blocks[i][1]]
+            if solve:
+                out[i] = self._solve_block(self.blocks[i][0], node.ops, ins, p, rows, v, k)
+            else:
+                out[i] = (k if k is not None else node.ops.k_rows(p, ins, rows)).reshape(-1, v.shape[-1])
+
+        def on_collect(node, k, grad):
+            for i, cols, bcols in self._collect[node.name]:
+                sl = self.blocks[i][1]
+                if i not in k_acc:
+                    k_acc[i] = k.new_zeros(k.shape[0], sl.stop - sl.start)
+                    g_acc[i] = k.new_zeros(sl.stop - sl.start)
+                k_acc[i][:, bcols] += k[:, cols]
+                if grad is not None:
+                    g_acc[i][bcols] += grad[cols]
+
+        self._run(theta, on_direct, on_collect, costate=costate)
+        d = None
+        for i, (name, sl, _) in enumerate(self.blocks):
+            if out[i] is not None:
+                continue
+            if i not in k_acc:  # no path from these parameters to the output: K_a = 0
+                d = d or self._rows_count()
+                k_acc[i] = theta.new_zeros(d, sl.stop - sl.start)
+                g_acc[i] = theta.new_zeros(sl.stop - sl.start)
+            if solve:
+                v = g_acc[i] if costate else vectors[sl]
+                out[i] = self._solve_dense_factor(name, k_acc[i], v)
+            else:
+                out[i] = k_acc[i]
+        return out
+
+    def _rows_count(self) -> int:
+        y = self.problem.outputs(self.problem.theta0, self.inputs)
+        return int(self._rows(y).shape[0] * self._rows(y).shape[1])
+
+    def sweep(self, theta: torch.Tensor, visit, *, costate: bool = False):
+        """Compatibility sweep for peers: ``visit(name, slice, ops, x, p, rows, lam)`` at every module node that is a
+        whole block, with its single tensor input ``x`` (rows flattened to (B, R, width))."""
+        def on_direct(i, node, ins, p, rows, grad, k):
+            name, sl, _ = self.blocks[i]
+            visit(name, sl, node.ops, ins[0] if len(ins) == 1 else ins, p, rows, None)
+
+        self._run(theta, on_direct, lambda node, k, grad: None, costate=False)
 
     def _use_primal(self, n, d):
         return self.solver == "primal" or (self.solver == "auto" and n < d)
 
-    def _solve_block(self, name, leaf, x, p, rows, g):
+    def _solve_block(self, name, ops, ins, p, rows, g, k=None):
         d, n = rows.shape[0] * rows.shape[1], g.shape[-1]
         mass = self._mass.get(name)
-        if mass is None and not self._use_primal(n, d) and isinstance(leaf, LinearOps):
-            inner = leaf.gram(x, rows) + self.mu * _eye(d, g)
-            u = torch.cholesky_solve(leaf.k_mv(x, rows, g)[:, None], torch.linalg.cholesky(inner))[:, 0]
-            return (g - leaf.k_t(x, rows, u)) / self.mu
-        return self._solve_dense_factor(name, leaf.k_rows(x, p, rows).reshape(d, n), g)
+        if k is None and mass is None and not self._use_primal(n, d) and hasattr(ops, "gram") and ops.has_gram(ins):
+            inner = ops.gram(ins, rows) + self.mu * _eye(d, g)
+            u = torch.cholesky_solve(ops.k_mv(ins, rows, g)[:, None], torch.linalg.cholesky(inner))[:, 0]
+            return (g - ops.k_t(ins, rows, u)) / self.mu
+        k = k if k is not None else ops.k_rows(p, ins, rows)
+        return self._solve_dense_factor(name, k.reshape(d, n), g)
 
     def _solve_dense_factor(self, name, k, g):
         d, n = k.shape
@@ -157,52 +286,27 @@ class Layerwise(Metric):
 
     # -- Metric interface ---------------------------------------------------------------------------------
     def _solve_one(self, theta, v):
-        if self.tree is None:
-            k = self._jacobian_metric.factor(theta)
-            return torch.cat([self._solve_dense_factor(name, k[:, sl], v[sl]) for name, sl, _ in self.blocks])
-        out = [None] * len(self.blocks)
-        order = {name: i for i, (name, _, _) in enumerate(self.blocks)}
-
-        def visit(name, sl, leaf, x, p, rows, lam):
-            out[order[name]] = self._solve_block(name, leaf, x, p, rows, v[sl])
-
-        self.sweep(theta, visit)
-        return torch.cat(out)
+        return torch.cat(self._gather(theta, v))
 
     def solve(self, theta, v):
         _check_length(v, self.problem.num_params, "v")
         return batched(self._solve_one, theta, v)
 
     def _direction_one(self, theta):
-        out = [None] * len(self.blocks)
-        order = {name: i for i, (name, _, _) in enumerate(self.blocks)}
-
-        def visit(name, sl, leaf, x, p, rows, lam):
-            out[order[name]] = self._solve_block(name, leaf, x, p, rows, leaf.vjp_param(x, p, lam))
-
-        self.sweep(theta, visit, costate=True)
-        return torch.cat(out)
+        return torch.cat(self._gather(theta, None, costate=True))
 
     def natural_direction(self, theta: torch.Tensor) -> torch.Tensor:
         """G(θ)⁻¹∇L(θ) from one fused sweep: the costate rides along with the factor rows, so no separate
-        gradient pass is made. Needs the metric on the full batch (``metric_batch=None``) and a chain model;
-        otherwise it is ``solve(θ, problem.grad(θ))``."""
-        if self.tree is None or self.indices is not None:
+        gradient pass is made. Needs the metric on the full batch (``metric_batch=None``); otherwise it is
+        ``solve(θ, problem.grad(θ))``."""
+        if self.indices is not None:
             return self.solve(theta, self.problem.grad(theta))
         return batched(self._direction_one, theta)
 
     def block_factors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """K_a materialised per block (d × n_a), for tests and diagnostics. Memory O(d·N)."""
-        if self.tree is None:
-            k = self._jacobian_metric.factor(theta)
-            return {name: k[:, sl] for name, sl, _ in self.blocks}
-        found = {}
-
-        def visit(name, sl, leaf, x, p, rows, lam):
-            found[name] = leaf.k_rows(x, p, rows).reshape(rows.shape[0] * rows.shape[1], -1)
-
-        self.sweep(theta, visit)
-        return found
+        found = self._gather(theta, theta, solve=False)
+        return {name: k for (name, _, _), k in zip(self.blocks, found)}
 
     def _mass_matrix(self, name, n, like):
         mass = self._mass.get(name)
@@ -253,4 +357,5 @@ class Layerwise(Metric):
     def describe(self):
         return {"name": "Layerwise", "mu": self.mu, "output": self.output, "solver": self.solver,
                 "blocks": [name for name, _, _ in self.blocks],
+                "block_params": {name: list(params) for (name, _, _), params in zip(self.blocks, self._block_params)},
                 "metric_batch": None if self.indices is None else int(self.indices.numel())}

@@ -1,0 +1,28 @@
+"""Riemannian modules: leaf operators, the module graph read from any ``nn.Module``, and the backward sweep of
+costates and metric factors (MATH.md §2.2–2.4).
+
+Layout (one concept per file):
+
+    activations.py    elementwise activations (A = diag σ')
+    linear.py         Linear: structured Gram, K g and Kᵀu without K
+    generic.py        any node by per-sample vjps (torch.func): attention, normalisation, embeddings, glue
+    composition.py    Chain (series), Parallel (direct sum), Function (any per-sample map with parameters)
+    manifolds.py      retractions: the parameter manifold of a module
+    graph.py          reading a model as a DAG with torch.fx: module, parameter and glue nodes, in graph order
+    sweep.py          the backward sweep of costates and factor rows, summed over consumers
+
+Public surface: ``read(model) → ModuleGraph`` (``.nodes``, ``.module_nodes``, ``.forward(params, x) → Trace``),
+``backward(graph, trace, rows, visit)``, ``costates(problem, θ)``, the module classes and the retractions.
+"""
+
+from flows.modules.activations import ACTIVATIONS, Activation, ActivationOps, ReLU, Sigmoid, Softplus, Tanh
+from flows.modules.composition import Chain, Function, Parallel
+from flows.modules.generic import GenericOps
+from flows.modules.graph import ModuleGraph, Node, Trace, read
+from flows.modules.linear import Linear, LinearOps
+from flows.modules.manifolds import retract, retraction, sphere_retract
+from flows.modules.sweep import Costate, backward, costates, node_gradient
+
+__all__ = ["ACTIVATIONS", "Activation", "ActivationOps", "Chain", "Costate", "Function", "GenericOps", "Linear",
+           "LinearOps", "ModuleGraph", "Node", "Parallel", "ReLU", "Sigmoid", "Softplus", "Tanh", "Trace",
+           "backward", "costates", "node_gradient", "read", "retract", "retraction", "sphere_retract"]

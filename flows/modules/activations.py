@@ -1,0 +1,85 @@
+"""Elementwise activations as modules: A = diag σ'(x), no parameters (MATH.md §2.2: "elementwise activations fold
+diag(σ') into the factor rows"). Cost of a factor-row product: O(B·R·width)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    "tanh": (torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
+    "sigmoid": (torch.sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
+    "softplus": (F.softplus, torch.sigmoid),
+    "relu": (torch.relu, lambda x: (x > 0).to(x.dtype)),
+}
+
+# torch modules and functions that are one of ACTIVATIONS exactly (Softplus only with its default beta/threshold)
+TORCH_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.Softplus: "softplus"}
+TORCH_FUNCTIONS = {torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu", F.relu: "relu",
+                   F.tanh: "tanh", F.sigmoid: "sigmoid"}
+
+
+class Activation(nn.Module):
+    """An elementwise activation σ; its input Jacobian is diag σ'(x). One of ``ACTIVATIONS``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        self.name = name
+
+    def forward(self, x):
+        return ACTIVATIONS[self.name][0](x)
+
+    def derivative(self, x):
+        return ACTIVATIONS[self.name][1](x)
+
+    def extra_repr(self):
+        return self.name
+
+
+def Tanh() -> Activation:  # noqa: N802 - reads like the layer it makes
+    return Activation("tanh")
+
+
+def Sigmoid() -> Activation:  # noqa: N802
+    return Activation("sigmoid")
+
+
+def Softplus() -> Activation:  # noqa: N802
+    return Activation("softplus")
+
+
+def ReLU() -> Activation:  # noqa: N802
+    return Activation("relu")
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The ACTIVATIONS name of a module that computes exactly that activation, else None."""
+    if isinstance(module, Activation):
+        return module.name
+    name = TORCH_MODULES.get(type(module))
+    if name == "softplus" and not (module.beta == 1 and module.threshold >= 20):
+        return None
+    if name == "relu" and module.inplace:
+        return None
+    return name
+
+
+class ActivationOps:
+    """Rows through an elementwise activation: rows · diag σ'(x)."""
+
+    structured = True
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fn, self.derivative = ACTIVATIONS[name]
+
+    def forward(self, p, ins):
+        return self.fn(ins[0])
+
+    def pull(self, p, ins, rows, want):
+        return [rows * self.derivative(ins[0])[:, None] if want[0] else None], None
