@@ -192,7 +192,10 @@ class Layerwise(Metric):
             rows = torch.cat([rows, lam[:, None]], dim=1)
 
         def visit(node, ins, p, ext, k):
-            rows_, lam = (ext[:, :r], ext[:, r]) if costate else (ext, None)
+            if isinstance(ext, tuple):  # a module with several outputs (attention): one row block per output
+                rows_, lam = (tuple(e[:, :r] for e in ext), tuple(e[:, r] for e in ext)) if costate else (ext, None)
+            else:
+                rows_, lam = (ext[:, :r], ext[:, r]) if costate else (ext, None)
             k_rows = None if k is None else k[:, :r]
             grad = None
             if costate:

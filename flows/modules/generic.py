@@ -48,6 +48,8 @@ class GenericOps:
                     full[i] = x
                 full = [x[None] if bt else x for x, bt in zip(full, batched)]
                 out = fn(pp, full)
+                if isinstance(out, tuple | list):  # tuple outputs (attention): their tensors, Nones dropped
+                    out = tuple(o for o in out if isinstance(o, torch.Tensor))
                 return tree_map(lambda t: t[0], out) if out_batched else out
 
             _, pullback = vjp(f, p, *[ins_b[i] for i in diff])

@@ -232,12 +232,14 @@ class ModuleGraph:
             if node.kind not in ("module", "glue") or not node.batched or node.fx_node.op == "get_attr":
                 continue
             ins = [trace.values[i] for i in node.inputs]
+            if not all(isinstance(x, torch.Tensor) for x in ins):  # an element of a tuple: checked at its source
+                continue
             flags = [self.by_name[i].batched for i in node.inputs]
             p = node.local(params)
 
             def one(*xs, node=node, flags=flags, p=p):
                 out = node.ops.forward(p, [x[None] if f else x for x, f in zip(xs, flags)])
-                return torch.utils._pytree.tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, out)
+                return [t[0] for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
             try:
                 per_sample = torch.func.vmap(one, in_dims=tuple(0 if f else None for f in flags))(*ins)
@@ -246,7 +248,7 @@ class ModuleGraph:
                                  f"torch.func ({type(error).__name__}: {error}); no layerwise path supports it"
                                  ) from error
             got = torch.utils._pytree.tree_leaves(per_sample)
-            want = torch.utils._pytree.tree_leaves(trace.values[node.name])
+            want = [t for t in torch.utils._pytree.tree_leaves(trace.values[node.name]) if isinstance(t, torch.Tensor)]
             if len(got) != len(want) or any(g.shape != w.shape or not torch.allclose(g, w, rtol=1e-6, atol=1e-8)
                                             for g, w in zip(got, want)):
                 raise ValueError(f"{_describe(node.fx_node)} mixes samples: evaluated one sample at a time it "

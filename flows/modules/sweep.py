@@ -70,8 +70,8 @@ def backward(graph: ModuleGraph, trace: Trace, rows: torch.Tensor, visit, *, kee
             continue
         if isinstance(at, list):
             value = trace.values[node.name]
-            at = type(value)(a if a is not None else (None if v is None else
-                             _zeros_like_rows(v, b, r, node.batched, rows)) for a, v in zip(at, value))
+            at = tuple(a if a is not None else _zeros_like_rows(v, b, r, node.batched, rows)
+                       for a, v in zip(at, value) if isinstance(v, torch.Tensor))
         p = node.local(trace.params)
         if not any(want) and not node.owns_params:
             continue
