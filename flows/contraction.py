@@ -511,25 +511,90 @@ class Composition:
         return self.hurwitz or (self.cascade and bool((self.gamma.diagonal() < 0).all()))
 
 
+def _composition_blocks(blocks, field) -> list[tuple[str, slice]]:
+    """(name, slice) pairs from ``blocks``: pairs, :class:`flows.problem.Block` objects, a metric or anything else
+    with ``.blocks`` (a :class:`flows.metrics.Layerwise`: the blocks of its module graph), or a module graph
+    (``flows.modules.read(model)``: one block per parameter-owning node, placed in θ by the field's problem).
+    Default: the blocks of the field's metric when it has them, else the field's problem's blocks."""
+    problem = getattr(field, "problem", None)
+    if blocks is None:
+        metric = getattr(field, "metric", None)
+        blocks = getattr(metric, "blocks", None) or getattr(problem, "blocks", None)
+        if blocks is None:
+            raise ValueError("compose needs blocks: pass (name, slice) pairs, problem.blocks or a module graph")
+    elif not isinstance(blocks, (list, tuple)) and hasattr(blocks, "blocks"):
+        blocks = blocks.blocks
+    if not isinstance(blocks, (list, tuple)) and hasattr(blocks, "nodes"):  # a module graph
+        if problem is None:
+            raise ValueError("a module graph places its blocks in θ through the field's problem: pass a field, "
+                             "or (name, slice) pairs with a Jacobian")
+        where = {}
+        for block in problem.blocks:
+            offset = block.start
+            for name, shape in zip(block.param_names, block.shapes):
+                where[name] = (offset, offset + shape.numel())
+                offset += shape.numel()
+        pairs, owner = [], {}
+        for node in blocks.nodes:
+            names = tuple(getattr(node, "param_names", ()) or ())
+            if not names:
+                continue
+            for name in names:
+                if name in owner:
+                    raise ValueError(f"parameter {name!r} is used by nodes {owner[name]!r} and {node.name!r} of the "
+                                     "module graph; give compose explicit blocks")
+                owner[name] = node.name
+            spans = [where[n] for n in names]
+            if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+                raise ValueError(f"the parameters of node {node.name!r} are not contiguous in θ; give explicit blocks")
+            pairs.append((getattr(node, "module", None) or node.name, slice(spans[0][0], spans[-1][1])))
+        return sorted(pairs, key=lambda pair: pair[1].start)
+    out = []
+    for b in blocks:
+        if hasattr(b, "slice") and hasattr(b, "name"):
+            out.append((b.name, b.slice))
+        else:
+            out.append((b[0], b[1]))
+    return out
+
+
 def compose(field_or_jacobian, theta: torch.Tensor | None = None, blocks=None, metrics=None, *, t: float = 0.0,
             tol: float = 1e-12) -> Composition:
     """The composite contraction bound of block-partitioned dynamics (MATH.md §5, composition).
 
+    With the blocks i of a module graph and J = ∂f/∂θ at (t, θ), the block gain matrix is
+
+        Γ_ii = λ_max(sym(Θ_i J_ii Θ_i⁻¹)),     Γ_ij = ‖Θ_i J_ij Θ_j⁻¹‖₂   (i ≠ j),     M_i = Θ_iᵀΘ_i
+
+    where J_ij = ∂f_i/∂θ_j is the actual coupling Jacobian of block i's motion to block j's parameters (through the
+    skip connections, branches and consumers of the graph: nothing is assumed to vanish). Then
+    μ(J) ≤ λ_max(sym Γ) in the block-weighted norm ‖δθ‖² = Σ_i ‖δθ_i‖²_{M_i}; Γ Hurwitz certifies contraction in a
+    weighted norm; a cascade (J_ij = 0 for i < j) of contracting blocks is contracting.
+    Cost: one dense Jacobian (N vector–Jacobian products of the field) and k² block norms.
+
     Args:
         field_or_jacobian: a field (its dense Jacobian is taken at (t, θ)) or a dense Jacobian.
-        blocks: (name, slice) pairs (``problem.blocks`` works); default: the field's problem's blocks.
-        metrics: per block a constant SPD matrix M_i (default identity).
+        blocks: the partition — default: the blocks of the field's metric (a :class:`flows.metrics.Layerwise` has
+            one per node of its module graph), else the field's problem's blocks; or a module graph
+            (``flows.modules.read(model)``), a metric, ``problem.blocks`` or (name, slice) pairs.
+        metrics: per block a constant SPD matrix M_i (default identity), or ``"field"``: the diagonal blocks of the
+            field's own metric G(θ), so that the certificate is stated in the metric the flow moves in.
 
-    μ(J) ≤ λ_max(sym Γ) in the block-weighted 2-norm; Γ Hurwitz certifies contraction in a weighted norm;
-    a cascade (J_ij = 0 for i < j) of contracting blocks is contracting.
+    Example: ``compose(GradientFlow(problem, Layerwise(problem)), θ, metrics="field")`` for a residual network
+    gives Γ over the same module blocks the layerwise metric inverts.
     """
     if callable(field_or_jacobian):
         J = jacobian(field_or_jacobian, theta, t, dense=True)
-        if blocks is None:
-            blocks = field_or_jacobian.problem.blocks
     else:
         J = torch.as_tensor(field_or_jacobian, dtype=torch.float64)
-    pairs = [(getattr(b, "name", None) or b[0], getattr(b, "slice", None) or b[1]) for b in blocks]
+    pairs = _composition_blocks(blocks, field_or_jacobian if callable(field_or_jacobian) else None)
+    if isinstance(metrics, str):
+        metric = getattr(field_or_jacobian, "metric", None)
+        if metrics != "field" or metric is None or theta is None:
+            raise ValueError(f"metrics must be a list of SPD matrices, or 'field' with a field that has a metric and "
+                             f"θ; got {metrics!r}")
+        dense = metric.matrix(theta.detach()).to(J.dtype)
+        metrics = [dense[sl, sl] for _, sl in pairs]
     factors = []
     for i, (_, sl) in enumerate(pairs):
         size = sl.stop - sl.start

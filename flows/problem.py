@@ -9,6 +9,7 @@ and batch over an ensemble of parameter vectors with :func:`torch.func.vmap`.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,21 @@ def random_in_training_mode(model: nn.Module) -> list[str]:
     return found
 
 
+def shared_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters owned by more than one module (tied weights, or one module registered under two names): the
+    first name of each such parameter mapped to all of its names. Empty for a model without sharing."""
+    owners: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{prefix}.{local}" if prefix else local)
+    return {names[0]: names for names in owners.values() if len(names) > 1}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A parameter name matches a pattern that is its own name, the name of a module above it, or a glob."""
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
 class Problem:
     """A full-batch learning problem as a function of the flat parameter vector θ ∈ R^N.
 
@@ -119,10 +135,13 @@ class Problem:
         eval_data: named held-out sets ``{"test": (inputs, targets), …}`` (any number). They never enter
             L(θ) or ∇L(θ); :meth:`evaluate` measures the loss — and, for classification, the accuracy — on
             each, with forward passes only, and simulations record them at every output time.
+        blocks: how θ is split into blocks (see :meth:`group_blocks`); default one block per module that owns
+            parameters. A model whose parameters are shared between modules (tied weights) is refused unless the
+            blocks are given, because "one block per module" has no meaning for it.
 
     Attributes:
         theta0: the model's current parameters as one flat vector (a copy).
-        blocks: one :class:`Block` per module that owns parameters, in θ order.
+        blocks: one :class:`Block` per module that owns parameters (or per group of ``blocks``), in θ order.
         num_params: N.
     """
 
@@ -135,6 +154,7 @@ class Problem:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
         eval_data=None,
+        blocks=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -173,7 +193,12 @@ class Problem:
         self._numels = tuple(p.numel() for p in params.values())
         self.theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(self.device, dtype)
         self.num_params = int(self.theta0.numel())
-        self.blocks = self._make_blocks()
+        shared = shared_parameters(model)
+        if shared and blocks is None:
+            listing = "; ".join(" = ".join(names) for names in shared.values())
+            raise ValueError(f"the model shares parameters between modules ({listing}), so one block per module is "
+                             "not defined; pass blocks= to Problem (names or name patterns per block)")
+        self.blocks = self._make_blocks() if blocks is None else self.group_blocks(blocks)
         if self.batch_size == 0:
             raise ValueError("the training data is empty (0 samples)")
         self._check_labels(self.targets, "the training data")
@@ -262,6 +287,57 @@ class Problem:
                                    (*last.shapes, shape))
             else:
                 blocks.append(Block(owner, offset, offset + numel, (name,), (shape,)))
+            offset += numel
+        return tuple(blocks)
+
+    def group_blocks(self, spec) -> tuple[Block, ...]:
+        """Blocks of θ from a specification, each a contiguous run of whole parameters, together tiling θ.
+
+        ``spec`` is a list with one entry per block — a name pattern, or a list of name patterns — or a mapping
+        ``{block name: pattern or list of patterns}``. A pattern matches a parameter whose name it is, a module
+        above it (``"layer1"`` matches ``"layer1.0.weight"``) or a glob (``"*.bias"``). Every parameter must be
+        matched by exactly one block. :class:`Block` objects (``problem.blocks``) are accepted as they are.
+        """
+        if isinstance(spec, Mapping):
+            entries = list(spec.items())
+        elif isinstance(spec, (list, tuple)) and spec:
+            if all(isinstance(b, Block) for b in spec):
+                entries = [(b.name, list(b.param_names)) for b in spec]
+            else:
+                entries = [(e if isinstance(e, str) else "|".join(e), e) for e in spec]
+        else:
+            raise TypeError(f"blocks must be a non-empty list of name patterns (or lists of them) or a mapping from "
+                            f"block names to patterns, got {spec!r}")
+        owner: dict[str, str] = {}
+        for block_name, patterns in entries:
+            patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+            if not patterns or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"block {block_name!r}: patterns must be strings, got {patterns!r}")
+            hits = [n for n in self._names if any(_matches(n, p) for p in patterns)]
+            if not hits:
+                raise ValueError(f"block {block_name!r} ({patterns}) matches no parameter; the parameters are "
+                                 f"{list(self._names)}")
+            for n in hits:
+                if n in owner:
+                    raise ValueError(f"parameter {n!r} is matched by two blocks, {owner[n]!r} and {block_name!r}")
+                owner[n] = block_name
+        missing = [n for n in self._names if n not in owner]
+        if missing:
+            raise ValueError(f"parameters {missing} belong to no block")
+        blocks: list[Block] = []
+        offset, seen = 0, set()
+        for name, shape, numel in zip(self._names, self._shapes, self._numels):
+            block_name = owner[name]
+            if blocks and blocks[-1].name == block_name:
+                last = blocks[-1]
+                blocks[-1] = Block(block_name, last.start, offset + numel, (*last.param_names, name),
+                                   (*last.shapes, shape))
+            elif block_name in seen:
+                raise ValueError(f"block {block_name!r} is not contiguous in θ: parameter {name!r} follows "
+                                 f"{blocks[-1].param_names[-1]!r} of block {blocks[-1].name!r}")
+            else:
+                seen.add(block_name)
+                blocks.append(Block(block_name, offset, offset + numel, (name,), (shape,)))
             offset += numel
         return tuple(blocks)
 
