@@ -1,0 +1,162 @@
+"""The module graph and its sweep (MATH.md §2.4): costates against autograd at every node, structured against
+generic operators, and the errors for models the graph cannot read."""
+
+import pytest
+import torch
+from conftest import block_diagonal_part, dense_gauss_newton, mse_loss
+from torch import nn
+
+import flows
+from flows.metrics import Layerwise
+from flows.modules import costates, read
+
+
+class Residual(nn.Module):
+    """y = c(h + tanh(b(h))), h = tanh(a(x)): a skip connection and a shared input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.c(h + torch.tanh(self.b(h)))
+
+
+def _residual_problem(batch=5):
+    torch.manual_seed(3)
+    model = Residual().double()
+    return flows.Problem(model, "mse", (torch.randn(batch, 3, dtype=torch.float64),
+                                        torch.randn(batch, 2, dtype=torch.float64)))
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def test_costates_equal_autograd_at_every_node_of_a_residual_net():
+    problem = _residual_problem()
+    model, x = problem.model, problem.inputs
+    # the same forward written out by hand, every intermediate kept for autograd
+    z_a = model.a(x)
+    h = torch.tanh(z_a)
+    z_b = model.b(h)
+    t = torch.tanh(z_b)
+    s = h + t
+    y = model.c(s)
+    loss = mse_loss(y, problem.targets)
+    expected = dict(zip(["a", "tanh", "b", "tanh_1", "add", "c"],
+                        torch.autograd.grad(loss, [z_a, h, z_b, t, s, y])))
+    found = {c.node: c for c in costates(problem, problem.theta0)}
+    assert set(found) == set(expected)
+    for node, grad in expected.items():
+        assert _rel(found[node].costate, grad) <= 1e-12, node
+    flat = torch.cat([found[name].grad for name in ("a", "b", "c")])
+    assert _rel(flat, problem.grad(problem.theta0)) <= 1e-12
+
+
+def test_residual_layerwise_is_the_per_module_block_solve_not_the_full_ggn():
+    problem = _residual_problem()
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    dense = dense_gauss_newton(problem, problem.theta0, 0.2, mse_loss)
+    blocks = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    metric = Layerwise(problem, mu=0.2)
+    assert metric.describe()["blocks"] == ["a", "b", "c"]
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(blocks, v)) <= 1e-10
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(dense, v)) > 1e-3  # not the full GGN
+
+
+def test_blocks_by_name_pattern_group_modules():
+    problem = _residual_problem()
+    metric = Layerwise(problem, mu=0.2, blocks=[["a", "b"], "c"])
+    assert metric.describe()["blocks"] == ["a+b", "c"]
+    ab = slice(0, problem.blocks[1].stop)
+    dense = dense_gauss_newton(problem, problem.theta0, 0.2, mse_loss)
+    expected = block_diagonal_part(dense, [ab, problem.blocks[2].slice])
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+    assert _rel(metric.natural_direction(problem.theta0),
+                torch.linalg.solve(expected, problem.grad(problem.theta0))) <= 1e-10
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Layerwise(problem, blocks=["nope"])
+
+
+def test_a_module_called_twice_contributes_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(1)
+    problem = flows.Problem(Twice().double(), "mse", (torch.randn(4, 3, dtype=torch.float64),
+                                                       torch.randn(4, 2, dtype=torch.float64)))
+    dense = dense_gauss_newton(problem, problem.theta0, 0.3, mse_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    metric = Layerwise(problem, mu=0.3)
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+    assert _rel(metric.natural_direction(problem.theta0),
+                torch.linalg.solve(expected, problem.grad(problem.theta0))) <= 1e-10
+
+
+def test_structured_and_generic_paths_agree():
+    problem = _residual_problem()
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    fast = Layerwise(problem, mu=0.1, solver="dual")
+    slow = Layerwise(problem, mu=0.1, solver="dual", structured=False)
+    assert type(fast.graph.by_name["a"].ops).__name__ == "LinearOps"
+    assert type(slow.graph.by_name["a"].ops).__name__ == "GenericOps"
+    assert _rel(fast.solve(problem.theta0, v), slow.solve(problem.theta0, v)) <= 1e-12
+
+
+def test_batch_norm_in_training_mode_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="module '1' .*BatchNorm1d.*couples the samples"):
+        read(model)
+
+
+def test_untraceable_control_flow_is_refused_by_name():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.out = Branchy(), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.out(self.inner(x))
+
+    with pytest.raises(ValueError, match="failed to trace module 'inner'"):
+        read(Outer().double())
+
+
+def test_in_place_operations_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="module '1' works in place"):
+        read(model)
+
+
+def test_operations_that_mix_samples_are_refused_by_name():
+    class Centre(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h - h.mean(0))
+
+    torch.manual_seed(0)
+    problem = flows.Problem(Centre().double(), "mse", (torch.randn(4, 3, dtype=torch.float64),
+                                                        torch.randn(4, 2, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="'mean'.*mixes samples"):
+        Layerwise(problem)
