@@ -247,7 +247,7 @@ class Layerwise(Metric):
                 out[i] = self._solve_dense_factor(name, k_acc[i], v)
             else:
                 out[i] = k_acc[i]
-        return out
+        return self._finish(out) if solve else out
 
     def _rows_count(self) -> int:
         y = self.problem.outputs(self.problem.theta0, self.inputs)
@@ -266,14 +266,32 @@ class Layerwise(Metric):
         return self.solver == "primal" or (self.solver == "auto" and n < d)
 
     def _solve_block(self, name, ops, ins, p, rows, g, k=None):
+        """G_a⁻¹ g, or — for a dual solve with mass μI — the pending (KKᵀ, K g, u ↦ (g − Kᵀu)/μ), so that all blocks'
+        d × d inner matrices are factored by one batched Cholesky after the sweep."""
         d, n = rows.shape[0] * rows.shape[1], g.shape[-1]
         mass = self._mass.get(name)
-        if k is None and mass is None and not self._use_primal(n, d) and hasattr(ops, "gram") and ops.has_gram(ins):
-            inner = ops.gram(ins, rows) + self.mu * _eye(d, g)
-            u = torch.cholesky_solve(ops.k_mv(ins, rows, g)[:, None], torch.linalg.cholesky(inner))[:, 0]
-            return (g - ops.k_t(ins, rows, u)) / self.mu
-        k = k if k is not None else ops.k_rows(p, ins, rows)
-        return self._solve_dense_factor(name, k.reshape(d, n), g)
+        dual = mass is None and not self._use_primal(n, d)
+        if k is None and dual and hasattr(ops, "gram") and ops.has_gram(ins):
+            return (ops.gram(ins, rows), ops.k_mv(ins, rows, g), lambda u: (g - ops.k_t(ins, rows, u)) / self.mu)
+        k = (k if k is not None else ops.k_rows(p, ins, rows)).reshape(d, n)
+        if dual:
+            return (k @ k.T, k @ g, lambda u: (g - k.T @ u) / self.mu)
+        return self._solve_dense_factor(name, k, g)
+
+    def _finish(self, out):
+        """Factor every pending dual block's μI + KKᵀ in one batched Cholesky per inner size and finish the solves."""
+        by_size: dict = {}
+        for i, item in enumerate(out):
+            if isinstance(item, tuple):
+                by_size.setdefault(item[0].shape[0], []).append(i)
+        for idx in by_size.values():
+            inner = torch.stack([out[i][0] for i in idx])
+            inner.diagonal(dim1=-2, dim2=-1).add_(self.mu)
+            rhs = torch.stack([out[i][1] for i in idx])[..., None]
+            u = torch.cholesky_solve(rhs, torch.linalg.cholesky(inner))[..., 0]
+            for j, i in enumerate(idx):
+                out[i] = out[i][2](u[j])
+        return out
 
     def _solve_dense_factor(self, name, k, g):
         d, n = k.shape

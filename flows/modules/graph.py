@@ -22,6 +22,8 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from flows.modules.activations import TORCH_FUNCTIONS, ActivationOps, activation_name
+from flows.modules.conv import ConvOps
+from flows.modules.conv import supports as conv_supports
 from flows.modules.generic import GenericOps
 from flows.modules.linear import LinearOps
 
@@ -165,7 +167,8 @@ class ModuleGraph:
             if local:
                 names = tuple(_join(fx_node.target, n) for n in local)
                 simple = len(inputs) == 1 and len(fx_node.args) == 1 and not fx_node.kwargs
-                kind = next((ops for cls, ops in STRUCTURED.items() if isinstance(module, cls)), None)
+                kind = next((ops for cls, (ops, ok) in STRUCTURED.items() if isinstance(module, cls) and ok(module)),
+                            None)
                 if structured and simple and kind is not None:
                     ops = kind(module)
                 else:
@@ -279,7 +282,12 @@ class Trace:
         return [self.values[i] for i in node.inputs]
 
 
-STRUCTURED: dict[type, type] = {nn.Linear: LinearOps}
+# module type → (structured operator, whether it covers this instance); every other module takes the generic path
+STRUCTURED: dict[type, tuple] = {
+    nn.Linear: (LinearOps, lambda m: True),
+    nn.Conv1d: (ConvOps, conv_supports),
+    nn.Conv2d: (ConvOps, conv_supports),
+}
 
 
 def read(model: nn.Module, *, structured: bool = True) -> ModuleGraph:
