@@ -160,3 +160,37 @@ def test_operations_that_mix_samples_are_refused_by_name():
                                                         torch.randn(4, 2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="'mean'.*mixes samples"):
         Layerwise(problem)
+
+
+class _Convs(nn.Module):
+    """Conv2d (stride 2, padding 1) → Conv1d over flattened rows (no bias) → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.c1 = nn.Conv1d(3, 2, 2, bias=False, dilation=2)
+        self.fc = nn.Linear(2 * 7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(x))  # (B, 3, 3, 3)
+        h = torch.tanh(self.c1(h.flatten(2)))  # (B, 2, 7)
+        return self.fc(h.flatten(1))
+
+
+def test_structured_convolutions_equal_the_generic_path_and_the_dense_blocks():
+    torch.manual_seed(2)
+    problem = flows.Problem(_Convs().double(), "cross_entropy",
+                            (torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))))
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    for solver in ("dual", "primal"):
+        fast = Layerwise(problem, mu=0.2, solver=solver)
+        slow = Layerwise(problem, mu=0.2, solver=solver, structured=False)
+        assert {n: type(fast.graph.by_name[n].ops).__name__ for n in ("c2", "c1")} == {"c2": "ConvOps", "c1": "ConvOps"}
+        assert type(slow.graph.by_name["c2"].ops).__name__ == "GenericOps"
+        assert _rel(fast.solve(problem.theta0, v), slow.solve(problem.theta0, v)) <= 1e-12
+        assert _rel(fast.natural_direction(problem.theta0), slow.natural_direction(problem.theta0)) <= 1e-12
+    from conftest import ce_loss
+
+    dense = dense_gauss_newton(problem, problem.theta0, 0.2, ce_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10

@@ -271,8 +271,9 @@ class Layerwise(Metric):
         d, n = rows.shape[0] * rows.shape[1], g.shape[-1]
         mass = self._mass.get(name)
         dual = mass is None and not self._use_primal(n, d)
-        if k is None and dual and hasattr(ops, "gram") and ops.has_gram(ins):
-            return (ops.gram(ins, rows), ops.k_mv(ins, rows, g), lambda u: (g - ops.k_t(ins, rows, u)) / self.mu)
+        if k is None and dual and hasattr(ops, "dual") and ops.has_gram(ins):
+            gram, k_mv, k_t = ops.dual(ins, rows)
+            return (gram, k_mv(g), lambda u: (g - k_t(u)) / self.mu)
         k = (k if k is not None else ops.k_rows(p, ins, rows)).reshape(d, n)
         if dual:
             return (k @ k.T, k @ g, lambda u: (g - k.T @ u) / self.mu)

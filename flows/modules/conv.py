@@ -35,6 +35,7 @@ class ConvOps:
         self.has_bias = module.bias is not None
         self.local_names = ("weight", "bias") if self.has_bias else ("weight",)
         self.out_channels = module.out_channels
+        self._kernel = torch.empty(0).new_empty((1, 1, *module.kernel_size))  # only its shape is read
 
     def _conv(self):
         return F.conv2d if self.two_d else F.conv1d
@@ -59,6 +60,24 @@ class ConvOps:
         grad_input = torch.nn.grad.conv2d_input if self.two_d else torch.nn.grad.conv1d_input
         back = grad_input(size, w, flat, self.stride, self.padding, self.dilation)
         return [back.reshape(b, r, *x.shape[1:])], None
+
+    def has_gram(self, ins) -> bool:
+        return True
+
+    def dual(self, ins, rows, weight_shape=None):
+        """(K Kᵀ, g ↦ K g, u ↦ Kᵀu) from K_w = l Uᵀ (d × C_out·C_in·k) and the bias rows S = Σ_p l (d × C_out),
+        KKᵀ = K_w K_wᵀ + S Sᵀ, so the bias columns are never concatenated onto K."""
+        b, r = rows.shape[:2]
+        u_patch = self._patches(ins[0], self._kernel)
+        l_rows = rows.reshape(b, r, self.out_channels, -1)
+        k_w = torch.einsum("brop,bip->broi", l_rows, u_patch).reshape(b * r, -1)
+        gram = k_w @ k_w.T
+        n_w = k_w.shape[1]
+        if not self.has_bias:
+            return gram, lambda g: k_w @ g, lambda u: k_w.T @ u
+        s = l_rows.sum(-1).reshape(b * r, -1)
+        return (gram + s @ s.T, lambda g: k_w @ g[:n_w] + s @ g[n_w:],
+                lambda u: torch.cat([k_w.T @ u, s.T @ u]))
 
     def k_rows(self, p, ins, rows):
         u = self._patches(ins[0], p["weight"])

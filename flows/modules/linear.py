@@ -71,6 +71,10 @@ class LinearOps:
     def _join(self, g_w, g_b):
         return torch.cat([g_w.reshape(-1), g_b]) if self.has_bias else g_w.reshape(-1)
 
+    def dual(self, ins, rows):
+        """(K Kᵀ, g ↦ K g, u ↦ Kᵀu) without K."""
+        return self.gram(ins, rows), lambda g: self.k_mv(ins, rows, g), lambda u: self.k_t(ins, rows, u)
+
     def gram(self, ins, rows):
         x = ins[0]
         b, r, _ = rows.shape
