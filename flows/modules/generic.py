@@ -6,7 +6,8 @@ block ``rows`` of shape (B, R, *y_b.shape) — row (b, r) touches only sample b 
     rows_i = rows · ∂f/∂x_i     (B, R, *x_i,b.shape)  for every input that needs rows
     K      = rows · ∂f/∂w       (B, R, n)             materialised, when the node owns parameters
 
-by B·R single-sample vjps (vmap over samples, vmap over rows). Inputs that do not carry the batch dimension
+by B·R single-sample vjps (vmap over samples, vmap over rows); a parameter-free node whose inputs all carry the
+batch takes R vjps of the batched map instead (valid because nodes map samples independently). Inputs that do not carry the batch dimension
 (a parameter used directly, a constant) are shared by all samples; their rows are still per sample. Integer inputs
 (token indices) are not differentiated. Cost: B·R vjps of one sample; memory O(B·R·n) for K.
 This path serves every node for which no structured operator exists, including ``nn.MultiheadAttention``.
@@ -40,6 +41,8 @@ class GenericOps:
         if not diff and not with_params:
             return [None] * len(ins), None
         batched, out_batched, fn, names = self.in_batched, self.out_batched, self.fn, self.local_names
+        if not with_params and out_batched and all(batched[i] for i in diff):
+            return self._pull_batched(ins, rows, diff), None
 
         def one(rows_b, p, *ins_b):
             def f(pp, *xs):
@@ -66,3 +69,23 @@ class GenericOps:
         for i, g in zip(diff, pulled):
             out[i] = g
         return out, k
+
+    def _pull_batched(self, ins, rows, diff):
+        """Rows through a parameter-free node whose inputs all carry the batch: since the node maps samples
+        independently (checked when the graph is read for a metric), one vjp of the batched map per row r gives
+        every sample's product at once — R batched vjps instead of B·R single-sample ones."""
+        def f(*xs):
+            full = list(ins)
+            for i, x in zip(diff, xs):
+                full[i] = x
+            out = self.fn({}, full)
+            if isinstance(out, tuple | list):
+                out = tuple(o for o in out if isinstance(o, torch.Tensor))
+            return out
+
+        _, pullback = vjp(f, *[ins[i] for i in diff])
+        pulled = vmap(pullback, in_dims=1, out_dims=1)(rows)
+        out = [None] * len(ins)
+        for i, g in zip(diff, pulled):
+            out[i] = g
+        return out

@@ -109,8 +109,10 @@ def costates(problem, theta: torch.Tensor, *, graph: ModuleGraph | None = None) 
     graph that has a parameter upstream (MATH.md §2.4), in graph order, and ``grad`` = ∇_{w_v}L at nodes that own
     parameters (None elsewhere). Over the module nodes, the grads are the blocks of ∇L(θ) (summed over the calls of
     a module used more than once). Cost: one forward and one backward sweep."""
-    graph = graph or ModuleGraph(problem.model)
     params = problem.unflatten(theta)
+    if graph is None:
+        graph = ModuleGraph(problem.model)
+        graph.check_per_sample(params, problem.inputs)
     trace = graph.forward(params, problem.inputs)
     y = trace.output
     lam = torch.func.grad(lambda out: problem.loss_fn(out, problem.targets))(y)
