@@ -194,3 +194,39 @@ def test_structured_convolutions_equal_the_generic_path_and_the_dense_blocks():
     dense = dense_gauss_newton(problem, problem.theta0, 0.2, ce_loss)
     expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
     assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+
+
+class _Tokens(nn.Module):
+    """Embedding → LayerNorm over tokens → GroupNorm over channels → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.ln = nn.LayerNorm(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.out = nn.Linear(4 * 3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.ln(self.emb(x)))  # (B, T, 4)
+        h = self.gn(h.transpose(1, 2))  # (B, 4, T)
+        return self.out(torch.tanh(h).flatten(1))
+
+
+def test_structured_norms_and_embeddings_equal_the_generic_path_and_the_dense_blocks():
+    torch.manual_seed(4)
+    model = _Tokens().double()
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in (model.ln, model.gn):
+            m.weight.normal_()
+            m.bias.normal_()
+    problem = flows.Problem(model, "mse", (torch.randint(0, 7, (5, 3)), torch.randn(5, 2, dtype=torch.float64)))
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    fast = Layerwise(problem, mu=0.3)
+    slow = Layerwise(problem, mu=0.3, structured=False)
+    assert {n: type(fast.graph.by_name[n].ops).__name__ for n in ("emb", "ln", "gn")} == \
+        {"emb": "EmbeddingOps", "ln": "NormOps", "gn": "NormOps"}
+    assert _rel(fast.solve(problem.theta0, v), slow.solve(problem.theta0, v)) <= 1e-12
+    assert _rel(fast.natural_direction(problem.theta0), slow.natural_direction(problem.theta0)) <= 1e-12
+    dense = dense_gauss_newton(problem, problem.theta0, 0.3, mse_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10

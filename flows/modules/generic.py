@@ -7,9 +7,9 @@ block ``rows`` of shape (B, R, *y_b.shape) — row (b, r) touches only sample b 
     K      = rows · ∂f/∂w       (B, R, n)             materialised, when the node owns parameters
 
 by B·R single-sample vjps (vmap over samples, vmap over rows); a parameter-free node whose inputs all carry the
-batch takes R vjps of the batched map instead (valid because nodes map samples independently). Inputs that do not carry the batch dimension
-(a parameter used directly, a constant) are shared by all samples; their rows are still per sample. Integer inputs
-(token indices) are not differentiated. Cost: B·R vjps of one sample; memory O(B·R·n) for K.
+batch takes R vjps of the batched map instead (valid because nodes map samples independently). Inputs that do not
+carry the batch dimension (a parameter used directly, a constant) are shared by all samples; their rows are still
+per sample. Integer inputs (token indices) are not differentiated. Cost: B·R vjps of one sample; memory O(B·R·n) for K.
 This path serves every node for which no structured operator exists, including ``nn.MultiheadAttention``.
 """
 

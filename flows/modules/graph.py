@@ -24,8 +24,12 @@ from torch.func import functional_call
 from flows.modules.activations import TORCH_FUNCTIONS, ActivationOps, activation_name
 from flows.modules.conv import ConvOps
 from flows.modules.conv import supports as conv_supports
+from flows.modules.embedding import EmbeddingOps
+from flows.modules.embedding import supports as embedding_supports
 from flows.modules.generic import GenericOps
 from flows.modules.linear import LinearOps
+from flows.modules.normalisation import NormOps
+from flows.modules.normalisation import supports as norm_supports
 
 
 @dataclass
@@ -287,6 +291,9 @@ STRUCTURED: dict[type, tuple] = {
     nn.Linear: (LinearOps, lambda m: True),
     nn.Conv1d: (ConvOps, conv_supports),
     nn.Conv2d: (ConvOps, conv_supports),
+    nn.LayerNorm: (NormOps, norm_supports),
+    nn.GroupNorm: (NormOps, norm_supports),
+    nn.Embedding: (EmbeddingOps, embedding_supports),
 }
 
 
