@@ -69,7 +69,7 @@ def test_residual_layerwise_is_the_per_module_block_solve_not_the_full_ggn():
 def test_blocks_by_name_pattern_group_modules():
     problem = _residual_problem()
     metric = Layerwise(problem, mu=0.2, blocks=[["a", "b"], "c"])
-    assert metric.describe()["blocks"] == ["a+b", "c"]
+    assert metric.describe()["blocks"] == ["a|b", "c"]
     ab = slice(0, problem.blocks[1].stop)
     dense = dense_gauss_newton(problem, problem.theta0, 0.2, mse_loss)
     expected = block_diagonal_part(dense, [ab, problem.blocks[2].slice])
@@ -230,3 +230,28 @@ def test_structured_norms_and_embeddings_equal_the_generic_path_and_the_dense_bl
     dense = dense_gauss_newton(problem, problem.theta0, 0.3, mse_loss)
     expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
     assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+
+
+def test_tied_weights_sum_the_contributions_of_both_uses():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mid = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.out = nn.Linear(3, 3)
+            self.out.weight = self.inp.weight  # tied
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+    torch.manual_seed(5)
+    data = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shares parameters"):
+        flows.Problem(Tied().double(), "mse", data)
+    problem = flows.Problem(Tied().double(), "mse", data, blocks=["inp", "mid", "out"])
+    metric = Layerwise(problem, mu=0.4)
+    dense = dense_gauss_newton(problem, problem.theta0, 0.4, mse_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+    assert _rel(metric.natural_direction(problem.theta0),
+                torch.linalg.solve(expected, problem.grad(problem.theta0))) <= 1e-10

@@ -43,33 +43,21 @@ def _param_spans(problem) -> dict[str, tuple[int, int]]:
 def resolve_blocks(problem, blocks) -> list[tuple[str, slice, tuple[str, ...]]]:
     """(name, slice of θ, parameter names) per block, in θ order, tiling θ.
 
-    ``blocks`` is None (``problem.blocks``: one per module that owns parameters) or a list whose items are a
-    :class:`flows.problem.Block`, a (name, slice) pair, a parameter-name pattern (``fnmatch``; "layer1.*" or a
-    module path, which matches its parameters), or a list of patterns (one block for all their parameters)."""
-    import fnmatch
-
+    ``blocks`` is None (``problem.blocks``: one per module that owns parameters, or the Problem's own ``blocks=``),
+    a list of :class:`flows.problem.Block` or (name, slice) pairs, or a specification for
+    :meth:`flows.Problem.group_blocks` (name patterns, lists of them, or a mapping from block names to patterns)."""
     spans = _param_spans(problem)
     names = list(spans)
     if blocks is None:
         return [(b.name, b.slice, tuple(b.param_names)) for b in problem.blocks]
+    pairs = isinstance(blocks, list | tuple) and blocks and all(
+        (hasattr(item, "slice") and hasattr(item, "name")) or
+        (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], slice)) for item in blocks)
+    if not pairs:
+        return [(b.name, b.slice, tuple(b.param_names)) for b in problem.group_blocks(blocks)]
     out = []
     for item in blocks:
-        if hasattr(item, "slice") and hasattr(item, "name"):
-            name, sl = item.name, item.slice
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], slice):
-            name, sl = item
-        else:
-            patterns = [item] if isinstance(item, str) else list(item)
-            if not all(isinstance(q, str) for q in patterns):
-                raise TypeError(f"a block is a Block, a (name, slice) pair, a name pattern or a list of patterns; "
-                                f"got {item!r}")
-            chosen = [n for n in names if any(fnmatch.fnmatchcase(n, q) or n.startswith(q + ".") for q in patterns)]
-            if not chosen:
-                raise ValueError(f"block {item!r} matches no parameter; parameters are {names}")
-            lo, hi = spans[chosen[0]][0], spans[chosen[-1]][1]
-            if [n for n in names if lo <= spans[n][0] < hi] != chosen:
-                raise ValueError(f"block {item!r} must name parameters contiguous in θ; it matches {chosen}")
-            name, sl = (item if isinstance(item, str) else "+".join(patterns)), slice(lo, hi)
+        name, sl = (item.name, item.slice) if hasattr(item, "slice") else item
         inside = tuple(n for n in names if sl.start <= spans[n][0] < sl.stop)
         if not inside or spans[inside[0]][0] != sl.start or spans[inside[-1]][1] != sl.stop:
             raise ValueError(f"block {name!r} (θ[{sl.start}:{sl.stop}]) must cover whole parameters")
@@ -103,7 +91,9 @@ class Layerwise(Metric):
         structured: use the structured operators (Linear: Gram, K g and Kᵀu without K); False: the generic
             per-sample VJP path everywhere.
         blocks: None (``problem.blocks``, one per module that owns parameters) or a list of blocks — see
-            :func:`resolve_blocks` (Block objects, (name, slice) pairs, parameter-name patterns).
+            :func:`resolve_blocks` (Block objects, (name, slice) pairs, or name patterns as for
+            :meth:`flows.Problem.group_blocks`). A block that is not exactly one module called once (a group of
+            modules, a module called twice, tied weights) collects its K columns from every node that touches it.
     """
 
     def __init__(self, problem, mu: float = 1.0, output: str = "auto", metric_batch=None, *, seed: int = 0,

@@ -127,6 +127,7 @@ class ModuleGraph:
         self.nodes: list[Node] = []
         self.by_name: dict[str, Node] = {}
         params = dict(model.named_parameters())
+        self._canonical = {id(q): n for n, q in params.items()}
         self.output = None
         for fx_node in graph.nodes:
             if _is_inplace(fx_node, model):
@@ -154,9 +155,11 @@ class ModuleGraph:
                                  "graph reads models of one input tensor")
             return Node(fx_node.name, "input", None, [], batched=True, fx_node=fx_node)
         if fx_node.op == "get_attr":
-            is_param = fx_node.target in params
+            attr = _attr(model, fx_node.target)
+            is_param = isinstance(attr, nn.Parameter) and id(attr) in self._canonical
             return Node(fx_node.name, "parameter" if is_param else "glue", None, [],
-                        (fx_node.target,) if is_param else (), batched=False, needs_rows=is_param, fx_node=fx_node)
+                        (self._canonical[id(attr)],) if is_param else (), batched=False, needs_rows=is_param,
+                        fx_node=fx_node)
         if fx_node.op == "output":
             if len(inputs) != 1 or not isinstance(fx_node.args[0], fx.Node):
                 raise ValueError("the model must return one tensor; its output is "
@@ -167,9 +170,11 @@ class ModuleGraph:
         fn = self._callable(fx_node, model, inputs)
         if fx_node.op == "call_module":
             module = model.get_submodule(fx_node.target)
-            local = tuple(n for n, _ in module.named_parameters())
+            owned = list(module.named_parameters())
+            local = tuple(n for n, _ in owned)
             if local:
-                names = tuple(_join(fx_node.target, n) for n in local)
+                # a parameter shared with another module is known to θ by its first name
+                names = tuple(self._canonical.get(id(q), _join(fx_node.target, n)) for n, q in owned)
                 simple = len(inputs) == 1 and len(fx_node.args) == 1 and not fx_node.kwargs
                 kind = next((ops for cls, (ops, ok) in STRUCTURED.items() if isinstance(module, cls) and ok(module)),
                             None)
