@@ -43,6 +43,11 @@ class ConvOps:
     def forward(self, p, ins):
         return self._conv()(ins[0], p["weight"], p.get("bias"), self.stride, self.padding, self.dilation)
 
+    def patches(self, x):
+        """The unfolded input patches U (B, C_in·k, P): the layer is W U_b (+ b) per sample (KFC's input factor is
+        built from these)."""
+        return self._patches(x, self._kernel)
+
     def _patches(self, x, weight):
         """U: (B, C_in·k, P)."""
         if self.two_d:
