@@ -29,6 +29,17 @@ def _eye(n, like):
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
+def _drop_null_row(rows, logits):
+    """The softmax Fisher factor L_b = (diag √p − √p pᵀ)/√B has √pᵀL_b = 0, so its C rows span only C − 1 dimensions.
+    The Householder reflection H_b (symmetric, orthogonal) with H_b√p = −e_1 leaves L_bᵀL_b unchanged and zeroes the
+    first row of H_bL_b; dropping it gives an exact factor with C − 1 rows per sample (d = B(C − 1): the d × d inner
+    solves cost ((C−1)/C)³ of the full ones). Cost O(B·C²)."""
+    v = torch.softmax(logits, dim=-1).sqrt()
+    v = torch.cat([v[:, :1] + 1, v[:, 1:]], dim=1)  # √p + e_1: |v|² = 2 + 2√p_1 ≥ 2, never ill-conditioned
+    reflected = rows - (2 / (v * v).sum(1))[:, None, None] * v[:, :, None] * (v[:, None, :] @ rows)
+    return reflected[:, 1:]
+
+
 def _param_spans(problem) -> dict[str, tuple[int, int]]:
     """θ offsets (start, stop) of every named parameter, from ``problem.blocks``."""
     spans = {}
@@ -166,6 +177,8 @@ class Layerwise(Metric):
     def _rows(self, outputs):
         rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
                            seed=self.seed)
+        if self.output == "fisher" and outputs.ndim == 2 and rows.shape[1] > 1:
+            rows = _drop_null_row(rows, outputs)
         return rows.reshape(*rows.shape[:2], *outputs.shape[1:])
 
     def _run(self, theta, on_direct, on_collect, *, costate: bool = False):
