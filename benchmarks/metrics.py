@@ -2,15 +2,24 @@
 
     python benchmarks/metrics.py [--quick]
 
-Rows: plain gradient (the baseline), Layerwise (fused sweep), K-FAC, NaturalGradient (Woodbury over the whole
-network), BlockDiagonal (dense diagonal blocks) and the dense GGN solve, on MLP 64-128-128-10 at batch 32 and
-MLP 64-256-256-10 at batch 128 (digits inputs, cross-entropy, Fisher output metric). Dense methods run only
-where their matrices fit in memory, once (they take minutes), the others each in its own block after its own
-warm-up (min and median; ratios from both)
-after warm-up. A width sweep at batch 32 fits the exponent of time in N.
+Networks (cross-entropy on the digits, Fisher output metric, μ = 1e-2):
+- MLP 64-128-128-10 at batch 32 and MLP 64-256-256-10 at batch 128;
+- CNN: conv 1→16 (3×3, pad 1) → tanh → conv 16→16 (3×3, pad 1, stride 2) → tanh → Linear 256→10 on the 8×8 digit
+  images, batch 32;
+- a one-block transformer on token sequences (length 8, vocabulary 16, width 16, 2 heads, learned positions,
+  LayerNorm, MLP 16-32-16, mean pooling, 10 classes), batch 32.
 
-Targets (issue 3): Layerwise ≤ 6× the plain gradient at batch 32; ≥ 100× faster than the dense solve wherever
-the dense one fits; fitted exponent ≈ 1 for Layerwise against ≈ 3 for dense.
+Rows: the plain gradient (the baseline), Layerwise (fused sweep), Layerwise on the generic path only
+(``structured=False``, where it differs), K-FAC and NaturalGradient (Woodbury over the whole network). Each candidate
+is timed in its own block after its own warm-up (``_common.time_each``), in two passes over all candidates: min and
+median over the repeats (the smaller of the two passes, so that a pass in which another process held the cores does
+not decide a ratio), and the ratios to the gradient from both. The dense references (BlockDiagonal's dense blocks
+and the dense GGN solve) run once per size, and only where they take seconds: MLP 64-32-32-10 at batch 32 and the
+CNN. Dropped from earlier versions to keep a full run near five minutes: dense solves at MLP 64-128-128-10 (27 s
+and 54 s on a quiet machine) and the largest points of both width sweeps (width 2048; dense widths 80 and 96).
+
+Targets (issue 12): Layerwise ≤ 6× the gradient on the CNN and ≤ 4× on MLP 64-128-128-10 at batch 32; K-FAC ≤ 3×
+on the CNN. Width sweep at batch 32: fitted exponent of time in N, ≈ 1 for Layerwise against ≈ 3 for dense.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import setup, time_each, write_results  # noqa: E402
@@ -31,11 +42,66 @@ import flows  # noqa: E402
 from flows.metrics import KFAC, BlockDiagonal, Layerwise, NaturalGradient  # noqa: E402
 
 MU = 1e-2
+F64 = torch.float64
 
 
-def problem_for(sizes, batch):
+# --------------------------------------------------------------------------------------------------------
+# The networks
+# --------------------------------------------------------------------------------------------------------
+
+
+def mlp_problem(sizes, batch):
     x, y = flows.data.digits()
     return flows.Problem(flows.data.mlp(sizes), "cross_entropy", (x[:batch], y[:batch]))
+
+
+def cnn(channels: int = 16) -> nn.Module:
+    """conv 1→c (3×3, pad 1) → tanh → conv c→c (3×3, pad 1, stride 2) → tanh → Linear(16c → 10) on 1×8×8."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, dtype=F64), nn.Tanh(),
+                         nn.Conv2d(channels, channels, 3, padding=1, stride=2, dtype=F64), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(channels * 16, 10, dtype=F64))
+
+
+def cnn_problem(batch, channels=16):
+    x, y = flows.data.digits(images=True)
+    return flows.Problem(cnn(channels), "cross_entropy", (x[:batch], y[:batch]))
+
+
+class Transformer(nn.Module):
+    """One pre-norm transformer block on token sequences, mean-pooled into class logits."""
+
+    def __init__(self, vocab=16, length=8, width=16, heads=2, hidden=32, classes=10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, dtype=F64)
+        self.position = nn.Parameter(0.1 * torch.randn(length, width, dtype=F64))
+        self.norm1 = nn.LayerNorm(width, dtype=F64)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, dtype=F64)
+        self.norm2 = nn.LayerNorm(width, dtype=F64)
+        self.up = nn.Linear(width, hidden, dtype=F64)
+        self.down = nn.Linear(hidden, width, dtype=F64)
+        self.head = nn.Linear(width, classes, dtype=F64)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.position
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.down(torch.tanh(self.up(self.norm2(h))))
+        return self.head(h.mean(dim=1))
+
+
+def transformer_problem(batch, length=8, vocab=16):
+    """The task: the sum of the tokens modulo 10 (every token matters, order does not)."""
+    torch.manual_seed(0)
+    model = Transformer(vocab=vocab, length=length)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, length), generator=g)
+    return flows.Problem(model, "cross_entropy", (tokens, tokens.sum(1) % 10))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------
 
 
 def memory_bytes() -> int:
@@ -59,39 +125,66 @@ def dense_ggn_direction(problem, theta):
     return torch.cholesky_solve(g[:, None], torch.linalg.cholesky(dense))[:, 0]
 
 
-def fast_candidates(problem, theta, with_natural=True):
+def candidates(problem, theta, *, natural=True, generic=False):
+    """The timed calls. Metrics are built outside the timing; each call computes one natural direction."""
     layerwise, kfac = Layerwise(problem, mu=MU), KFAC(problem, damping=MU)
-    out = {
-        "gradient": lambda: problem.grad(theta),
-        "layerwise": lambda: layerwise.natural_direction(theta),
-        "kfac": lambda: kfac.solve(theta, problem.grad(theta)),
-    }
-    if with_natural:
-        natural = NaturalGradient(problem, mu=MU)
-        out["natural_gradient"] = lambda: natural.solve(theta, problem.grad(theta))
+    out = {"gradient": lambda: problem.grad(theta),
+           "layerwise": lambda: layerwise.natural_direction(theta)}
+    if generic:
+        plain = Layerwise(problem, mu=MU, structured=False)
+        out["layerwise_generic"] = lambda: plain.natural_direction(theta)
+    out["kfac"] = lambda: kfac.solve(theta, problem.grad(theta))
+    if natural:
+        natural_gradient = NaturalGradient(problem, mu=MU)
+        out["natural_gradient"] = lambda: natural_gradient.solve(theta, problem.grad(theta))
     return out
 
 
-def run_config(sizes, batch, repeats, run_dense):
-    problem = problem_for(sizes, batch)
+def working(calls: dict) -> tuple[dict, dict]:
+    """The calls that run, and for the others the error they raise (reported, not timed)."""
+    ok, failed = {}, {}
+    for name, fn in calls.items():
+        try:
+            fn()
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        else:
+            ok[name] = fn
+    return ok, failed
+
+
+def timed(calls: dict, repeats: int, rounds: int = 2) -> dict:
+    """``rounds`` passes of :func:`_common.time_each` (every candidate in its own block after its own warm-up);
+    per candidate the smallest min and the smallest median over the passes, so that a pass in which another
+    process held the cores does not decide a ratio on a shared machine."""
+    passes = [time_each(calls, repeats=repeats) for _ in range(rounds)]
+    return {name: {"min_s": min(p[name]["min_s"] for p in passes),
+                   "median_s": min(p[name]["median_s"] for p in passes)} for name in calls}
+
+
+def run_config(label, problem, repeats, *, dense=False, generic=False, natural=True):
     theta = problem.theta0
-    d = batch * sizes[-1]
-    timing = time_each(fast_candidates(problem, theta), repeats=repeats)
-    row = {"sizes": sizes, "batch": batch, "N": problem.num_params, "d": d,
-           **{k: v["median_s"] for k, v in timing.items()},
-           "min_s": {k: v["min_s"] for k, v in timing.items()}}
-    largest_block = max(b.size for b in problem.blocks)
-    if run_dense and dense_fits(largest_block):
+    calls, failed = working(candidates(problem, theta, natural=natural, generic=generic))
+    for name, reason in failed.items():
+        print(f"  {name} not timed: {reason}", flush=True)
+    timing = timed(calls, repeats)
+    row = {"network": label, "batch": problem.batch_size, "N": problem.num_params,
+           "d": problem.batch_size * int(problem.outputs(theta[None])[0].shape[-1]),
+           "blocks": [b.name for b in problem.blocks],
+           "median_s": {k: v["median_s"] for k, v in timing.items()},
+           "min_s": {k: v["min_s"] for k, v in timing.items()}, "failed": failed}
+    for name in timing:
+        if name != "gradient":
+            row[f"{name}_over_gradient"] = row["median_s"][name] / row["median_s"]["gradient"]
+            row[f"{name}_over_gradient_min"] = row["min_s"][name] / row["min_s"]["gradient"]
+    row["block_diagonal_dense_s"] = row["dense_ggn_s"] = row["dense_over_layerwise"] = None
+    if dense and dense_fits(max(b.size for b in problem.blocks)):
         bd = BlockDiagonal(problem, mu=MU)
-        row["block_diagonal_dense"] = once(lambda: bd.solve(theta, problem.grad(theta)))
-    else:
-        row["block_diagonal_dense"] = None
-    row["dense_ggn"] = once(lambda: dense_ggn_direction(problem, theta)) if (
-        run_dense and dense_fits(problem.num_params)) else None
-    row["layerwise_over_gradient"] = row["layerwise"] / row["gradient"]  # medians
-    row["layerwise_over_gradient_min"] = row["min_s"]["layerwise"] / row["min_s"]["gradient"]
-    row["kfac_over_gradient"] = row["kfac"] / row["gradient"]
-    row["dense_over_layerwise"] = None if row["dense_ggn"] is None else row["dense_ggn"] / row["layerwise"]
+        bd.solve(theta, problem.grad(theta))  # warm-up
+        row["block_diagonal_dense_s"] = once(lambda: bd.solve(theta, problem.grad(theta)))
+    if dense and dense_fits(problem.num_params):
+        row["dense_ggn_s"] = once(lambda: dense_ggn_direction(problem, theta))
+        row["dense_over_layerwise"] = row["dense_ggn_s"] / row["min_s"]["layerwise"]
     return row
 
 
@@ -102,12 +195,12 @@ def fit_exponent(ns, ts) -> float:
 def width_sweep(widths, dense_widths, batch, repeats):
     rows = []
     for w in widths:
-        problem = problem_for([64, w, w, 10], batch)
-        timing = time_each(fast_candidates(problem, problem.theta0, with_natural=False), repeats=repeats)
-        rows.append({"width": w, "N": problem.num_params, **{k: v["median_s"] for k, v in timing.items()}})
+        problem = mlp_problem([64, w, w, 10], batch)
+        timing = timed(candidates(problem, problem.theta0, natural=False), repeats)
+        rows.append({"width": w, "N": problem.num_params, **{k: v["min_s"] for k, v in timing.items()}})
     dense_rows = []
     for w in dense_widths:
-        problem = problem_for([64, w, w, 10], batch)
+        problem = mlp_problem([64, w, w, 10], batch)
         dense_ggn_direction(problem, problem.theta0)  # warm-up at this size
         dense_rows.append({"width": w, "N": problem.num_params,
                            "dense_ggn": min(once(lambda p=problem: dense_ggn_direction(p, p.theta0))
@@ -126,29 +219,52 @@ def fmt(value, scale=1e3):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, no minutes-long dense solves")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     args = parser.parse_args(argv)
     setup(threads=2)
-    repeats = 3 if args.quick else 15
-    configs = [([64, 32, 32, 10], 8), ([64, 64, 64, 10], 16)] if args.quick else [([64, 128, 128, 10], 32),
-                                                                                  ([64, 256, 256, 10], 128)]
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func's attention fallback
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    repeats = 5 if args.quick else 31
+    if args.quick:
+        configs = [("MLP 64-32-32-10", lambda: mlp_problem([64, 32, 32, 10], 8), {"dense": True}),
+                   ("CNN 4-4", lambda: cnn_problem(8, channels=4), {"dense": True, "generic": True}),
+                   ("transformer", lambda: transformer_problem(8), {"generic": True})]
+    else:
+        configs = [("MLP 64-32-32-10", lambda: mlp_problem([64, 32, 32, 10], 32), {"dense": True}),
+                   ("MLP 64-128-128-10", lambda: mlp_problem([64, 128, 128, 10], 32), {}),
+                   ("MLP 64-256-256-10", lambda: mlp_problem([64, 256, 256, 10], 128), {}),
+                   ("CNN 16-16", lambda: cnn_problem(32), {"dense": True, "generic": True}),
+                   ("transformer", lambda: transformer_problem(32), {"generic": True})]
     rows = []
-    for sizes, batch in configs:
-        print(f"timing MLP {'-'.join(map(str, sizes))}, batch {batch} …", flush=True)
-        rows.append(run_config(sizes, batch, repeats, run_dense=True))
-    widths = [16, 32, 64] if args.quick else [32, 64, 128, 256, 512, 1024, 2048]
-    dense_widths = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64, 80, 96]
+    for label, make, options in configs:
+        print(f"timing {label} …", flush=True)
+        rows.append(run_config(label, make(), repeats, **options))
+    widths = [16, 32, 64] if args.quick else [32, 64, 128, 256, 512, 1024]
+    dense_widths = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64]
     print("width sweep …", flush=True)
-    sweep, dense_sweep, exponents, tail = width_sweep(widths, dense_widths, batch=32 if not args.quick else 8,
-                                                repeats=max(3, repeats // 3))
+    sweep, dense_sweep, exponents, tail = width_sweep(widths, dense_widths, batch=8 if args.quick else 32,
+                                                      repeats=max(3, repeats // 4))
+    load_after = os.getloadavg()
 
-    names = ["gradient", "layerwise", "kfac", "natural_gradient", "block_diagonal_dense", "dense_ggn"]
-    print(f"\ntime per natural direction (ms), float64, {torch.get_num_threads()} threads, μ = {MU}")
-    print(f"{'network':<18}{'batch':>6}{'N':>8}{'d':>6}" + "".join(f"{n:>22}" for n in names) + f"{'LW/grad':>9}")
+    names = ["gradient", "layerwise", "layerwise_generic", "kfac", "natural_gradient"]
+    print(f"\ntime per natural direction (ms, min over 2 × {repeats} after warm-up, each candidate in its own block), "
+          f"float64, {torch.get_num_threads()} threads, μ = {MU}; load average {load_before[0]:.1f} → "
+          f"{load_after[0]:.1f}")
+    header = f"{'network':<19}{'batch':>6}{'N':>8}{'d':>6}" + "".join(f"{n:>19}" for n in names)
+    print(header + f"{'BD dense':>10}{'GGN dense':>11}")
     for r in rows:
-        print(f"{'-'.join(map(str, r['sizes'])):<18}{r['batch']:>6}{r['N']:>8}{r['d']:>6}"
-              + "".join(f"{fmt(r[n]):>22}" for n in names) + f"{r['layerwise_over_gradient']:>9.2f}")
-    print(f"\nwidth sweep at batch {32 if not args.quick else 8} (ms):")
+        print(f"{r['network']:<19}{r['batch']:>6}{r['N']:>8}{r['d']:>6}"
+              + "".join(f"{fmt(r['min_s'].get(n)):>19}" for n in names)
+              + f"{fmt(r['block_diagonal_dense_s']):>10}{fmt(r['dense_ggn_s']):>11}")
+    print("\nratio to the gradient, min (median):")
+    for r in rows:
+        cells = []
+        for n in names[1:]:
+            cells.append(f"{r[n + '_over_gradient_min']:.1f} ({r[n + '_over_gradient']:.1f})"
+                         if n + "_over_gradient" in r else "-")
+        print(f"{r['network']:<19}" + "".join(f"{c:>19}" for c in cells))
+    print(f"\nwidth sweep at batch {8 if args.quick else 32} (ms, min):")
     print(f"{'width':>6}{'N':>9}{'gradient':>11}{'layerwise':>11}{'kfac':>9}")
     for r in sweep:
         print(f"{r['width']:>6}{r['N']:>9}{fmt(r['gradient']):>11}{fmt(r['layerwise']):>11}{fmt(r['kfac']):>9}")
@@ -157,26 +273,28 @@ def main(argv=None) -> int:
     print("fitted exponent of time in N, all sizes: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
     print("fitted exponent of time in N, three largest sizes: " + ", ".join(f"{k} {v:.2f}" for k, v in tail.items()))
 
-    first = rows[0]
-    dense_ratios = [r["dense_over_layerwise"] for r in rows if r["dense_over_layerwise"] is not None]
-    targets = {
-        "layerwise_over_gradient_at_batch32": first["layerwise_over_gradient"],
-        "layerwise_over_gradient_max": 6.0,
-        "dense_over_layerwise_min_measured": min(dense_ratios) if dense_ratios else None,
-        "dense_over_layerwise_min": 100.0,
-        "layerwise_exponent": exponents["layerwise"],
-        "dense_exponent": exponents["dense_ggn"],
-        "layerwise_exponent_largest3": tail["layerwise"],
-        "dense_exponent_largest3": tail["dense_ggn"],
-    }
-    targets["met"] = bool(first["layerwise_over_gradient"] <= 6.0 and dense_ratios and min(dense_ratios) >= 100)
-    print(f"\nLayerwise / gradient at batch {first['batch']}: {first['layerwise_over_gradient']:.2f} (medians), "
-          f"{first['layerwise_over_gradient_min']:.2f} (mins) (target ≤ 6); "
-          f"dense / Layerwise: {', '.join(f'{x:.0f}×' for x in dense_ratios) or 'no dense run'} (target ≥ 100×)")
-    path = write_results("metrics", {"quick": args.quick, "mu": MU, "configs": rows, "width_sweep": sweep,
-                                     "dense_width_sweep": dense_sweep, "exponents": exponents,
-                                     "exponents_largest3": tail, "targets": targets})
-    print(f"wrote {path}")
+    by_name = {r["network"]: r for r in rows}
+    targets = {}
+    if not args.quick:
+        mlp, conv = by_name["MLP 64-128-128-10"], by_name["CNN 16-16"]
+        targets = {
+            "layerwise_over_gradient_cnn": conv["layerwise_over_gradient_min"], "layerwise_cnn_max": 6.0,
+            "layerwise_over_gradient_mlp128_b32": mlp["layerwise_over_gradient_min"], "layerwise_mlp_max": 4.0,
+            "kfac_over_gradient_cnn": conv["kfac_over_gradient_min"], "kfac_cnn_max": 3.0,
+            "ratios_are": "min over repeats / min over repeats (medians are in the configs)",
+        }
+        targets["met"] = {"layerwise_cnn": conv["layerwise_over_gradient_min"] <= 6.0,
+                          "layerwise_mlp": mlp["layerwise_over_gradient_min"] <= 4.0,
+                          "kfac_cnn": conv["kfac_over_gradient_min"] <= 3.0}
+        print(f"\ntargets: Layerwise/gradient CNN {conv['layerwise_over_gradient_min']:.2f} (≤ 6), MLP 64-128-128-10 "
+              f"b32 {mlp['layerwise_over_gradient_min']:.2f} (≤ 4); K-FAC/gradient CNN "
+              f"{conv['kfac_over_gradient_min']:.2f} (≤ 3)")
+    elapsed = time.perf_counter() - started
+    path = write_results("metrics", {"quick": args.quick, "mu": MU, "repeats": repeats, "configs": rows,
+                                     "width_sweep": sweep, "dense_width_sweep": dense_sweep, "exponents": exponents,
+                                     "exponents_largest3": tail, "targets": targets, "elapsed_s": elapsed,
+                                     "load_average_before_after": [load_before[0], load_after[0]]})
+    print(f"wrote {path} ({elapsed:.0f} s)")
     return 0
 
 
