@@ -292,7 +292,10 @@ class Layerwise(Metric):
             inner = torch.stack([out[i][0] for i in idx])
             inner.diagonal(dim1=-2, dim2=-1).add_(self.mu)
             rhs = torch.stack([out[i][1] for i in idx])[..., None]
-            u = torch.cholesky_solve(rhs, torch.linalg.cholesky(inner))[..., 0]
+            chol = torch.linalg.cholesky(inner)
+            # two triangular solves: cheaper than cholesky_solve on CPU for these sizes
+            u = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, rhs, upper=False),
+                                              upper=True)[..., 0]
             for j, i in enumerate(idx):
                 out[i] = out[i][2](u[j])
         return out
