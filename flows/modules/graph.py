@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flows.modules.activations import TORCH_FUNCTIONS, ActivationOps, activation_name
 from flows.modules.conv import ConvOps
@@ -208,6 +209,8 @@ class ModuleGraph:
 
             def fn(p, ins):
                 args, kwargs = bind(ins)
+                if isinstance(module, nn.MultiheadAttention):
+                    return _attention(module, p, args, kwargs)
                 return functional_call(module, p, args, kwargs) if p else module(*args, **kwargs)
         elif fx_node.op == "call_method":
             def fn(p, ins):
@@ -265,6 +268,18 @@ class ModuleGraph:
                                             for g, w in zip(got, want)):
                 raise ValueError(f"{_describe(node.fx_node)} mixes samples: evaluated one sample at a time it "
                                  "differs from the batched evaluation, so per-sample factor rows do not exist")
+
+
+def _attention(module, p, args, kwargs):
+    """nn.MultiheadAttention without its inference fast path: the fused kernel has no torch.func batching rule
+    (vmap would fall back to a slow per-sample loop); the composite path computes the same function."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no batching rule either
+            return functional_call(module, p, args, kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _attr(model, target):
