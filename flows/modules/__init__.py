@@ -5,6 +5,9 @@ Layout (one concept per file):
 
     activations.py    elementwise activations (A = diag σ')
     linear.py         Linear: structured Gram, K g and Kᵀu without K
+    conv.py           Conv1d/Conv2d: K from unfolded patches, input rows by transposed convolution
+    normalisation.py  LayerNorm/GroupNorm affine parameters
+    embedding.py      Embedding: K by scatter-add into the vocabulary
     generic.py        any node by per-sample vjps (torch.func): attention, normalisation, embeddings, glue
     composition.py    Chain (series), Parallel (direct sum), Function (any per-sample map with parameters)
     manifolds.py      retractions: the parameter manifold of a module
@@ -17,12 +20,16 @@ Public surface: ``read(model) → ModuleGraph`` (``.nodes``, ``.module_nodes``, 
 
 from flows.modules.activations import ACTIVATIONS, Activation, ActivationOps, ReLU, Sigmoid, Softplus, Tanh
 from flows.modules.composition import Chain, Function, Parallel
+from flows.modules.conv import ConvOps
+from flows.modules.embedding import EmbeddingOps
 from flows.modules.generic import GenericOps
 from flows.modules.graph import ModuleGraph, Node, Trace, read
 from flows.modules.linear import Linear, LinearOps
 from flows.modules.manifolds import retract, retraction, sphere_retract
+from flows.modules.normalisation import NormOps
 from flows.modules.sweep import Costate, backward, costates, node_gradient
 
-__all__ = ["ACTIVATIONS", "Activation", "ActivationOps", "Chain", "Costate", "Function", "GenericOps", "Linear",
-           "LinearOps", "ModuleGraph", "Node", "Parallel", "ReLU", "Sigmoid", "Softplus", "Tanh", "Trace",
-           "backward", "costates", "node_gradient", "read", "retract", "retraction", "sphere_retract"]
+__all__ = ["ACTIVATIONS", "Activation", "ActivationOps", "Chain", "ConvOps", "Costate", "EmbeddingOps", "Function",
+           "GenericOps", "Linear", "LinearOps", "ModuleGraph", "Node", "NormOps", "Parallel", "ReLU", "Sigmoid",
+           "Softplus", "Tanh", "Trace", "backward", "costates", "node_gradient", "read", "retract", "retraction",
+           "sphere_retract"]
