@@ -20,7 +20,7 @@ import torch
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
-from flows.modules import read
+from flows.modules import backward, read
 
 SOLVERS = ("auto", "dual", "primal")
 
@@ -208,8 +208,6 @@ class Layerwise(Metric):
             else:
                 k_rows = k_rows if k_rows is not None else node.ops.k_rows(p, ins, rows_)
                 on_collect(node, k_rows.reshape(-1, k_rows.shape[-1]), grad)
-
-        from flows.modules import backward
 
         backward(self.graph, trace, rows, visit)
 
