@@ -1,16 +1,19 @@
-"""The layerwise Riemannian metric of Pehle & Slotine (MATH.md §2.2).
+"""The layerwise Riemannian metric of Pehle & Slotine (MATH.md §2.2–2.4) on any module graph.
 
-    L_m = L_o,    L_{a−1} = L_a A_a,    K_a = L_a B_a   (d × n_a, d = B·R factor rows)
+    L_y = L_o,    L_u = Σ_{v consumes u} L_v ∂f_v/∂x_u,    K_a = L_o ∂y/∂w_a = Σ_{nodes v using w_a} L_v B_v
     G = blockdiag(G_1, …, G_m),    G_a = D_a + K_aᵀK_a     (D_a = μI, or a positive diagonal)
 
 G_a is exactly the a-th diagonal block of μI + JᵀM_oJ, but no global Jacobian is formed: the factor rows are
-swept backward through the modules like the costate. Each block is inverted on its own:
+swept backward over the model's graph (:mod:`flows.modules`) like the costate. Each block is inverted on its own:
 
     dual   G_a⁻¹g = (1/μ)[g − K_aᵀ(μI_d + K_aK_aᵀ)⁻¹K_a g]     Cholesky of d × d, cost O(n_a d² + d³)
     primal G_a⁻¹g = solve(μI + K_aᵀK_a, g)                      Cholesky of n_a × n_a, cost O(n_a² d + n_a³)
 
-chosen per block (primal when n_a < d). For Linear modules the dual path never materialises K_a: the inner Gram
-and the products K_a g, K_aᵀu come from the factor rows and the layer inputs.
+chosen per block (primal when n_a < d); the d × d inner matrices of all dual blocks are factored by one batched
+Cholesky. For Linear modules the dual path never materialises K_a (the inner Gram and K_a g, K_aᵀu come from the
+factor rows and the layer inputs); Conv, LayerNorm/GroupNorm and Embedding form K_a from their inputs directly;
+everything else by per-sample vjps. With the softmax Fisher the factor keeps B(C − 1) rows (its null row reflected
+away), which leaves every G_a unchanged.
 """
 
 from __future__ import annotations
