@@ -255,3 +255,19 @@ def test_tied_weights_sum_the_contributions_of_both_uses():
     assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
     assert _rel(metric.natural_direction(problem.theta0),
                 torch.linalg.solve(expected, problem.grad(problem.theta0))) <= 1e-10
+
+
+def test_a_module_torch_func_cannot_evaluate_per_sample_is_refused_by_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.w * float(x.abs().max())  # .item() on a traced value: no per-sample form
+
+    model = nn.Sequential(nn.Linear(3, 3), Odd(), nn.Linear(3, 1)).double()
+    problem = flows.Problem(model, "mse", (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1,
+                                                                                             dtype=torch.float64)))
+    with pytest.raises(ValueError, match="module '1' cannot be evaluated one sample at a time"):
+        Layerwise(problem)
