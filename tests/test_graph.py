@@ -271,3 +271,26 @@ def test_a_module_torch_func_cannot_evaluate_per_sample_is_refused_by_name():
                                                                                              dtype=torch.float64)))
     with pytest.raises(ValueError, match="module '1' cannot be evaluated one sample at a time"):
         Layerwise(problem)
+
+
+def test_forward_arguments_with_defaults_are_fixed_at_them():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x, scale=None, residual=True):
+            h = torch.tanh(self.a(x))
+            if residual:
+                h = h + x
+            return self.b(h if scale is None else h * scale)
+
+    torch.manual_seed(6)
+    problem = flows.Problem(Keyword().double(), "mse", (torch.randn(4, 3, dtype=torch.float64),
+                                                         torch.randn(4, 2, dtype=torch.float64)))
+    metric = Layerwise(problem, mu=0.3)
+    assert metric.describe()["blocks"] == ["a", "b"]
+    dense = dense_gauss_newton(problem, problem.theta0, 0.3, mse_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10

@@ -37,7 +37,8 @@ from flows.modules.normalisation import supports as norm_supports
 class Node:
     """One node of the module graph.
 
-    ``kind`` is "input", "parameter", "module", "glue" or "output"; ``module`` the module path of a module node
+    ``kind`` is "input", "parameter", "module", "glue", "constant" (a ``forward`` argument fixed at its default)
+    or "output"; ``module`` the module path of a module node
     (its block name); ``inputs`` the names of the tensor-valued nodes it reads; ``param_names`` the full names of
     the parameters it owns (θ order); ``batched`` whether its value carries the batch dimension;
     ``needs_rows`` whether a parameter lies upstream (only then are costates and factor rows swept to it).
@@ -119,7 +120,7 @@ class ModuleGraph:
                                  "model.eval() to use its running statistics")
         tracer = _Tracer()
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model))
         except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError… at data-dependent code
             where = tracer.stack[-1] if tracer.stack else type(model).__name__
             raise ValueError(f"cannot read the model as a module graph: torch.fx failed to trace module {where!r} "
@@ -151,6 +152,8 @@ class ModuleGraph:
         batched = any(u.batched for u in upstream)
         needs_rows = any(u.needs_rows for u in upstream)
         if fx_node.op == "placeholder":
+            if self.nodes and fx_node.args:  # an argument fixed at its default (torch.fx keeps it as args[0])
+                return Node(fx_node.name, "constant", None, [], fx_node=fx_node)
             if self.nodes:
                 raise ValueError(f"the model's forward takes more than one input ({fx_node.name!r}); the module "
                                  "graph reads models of one input tensor")
@@ -231,6 +234,8 @@ class ModuleGraph:
                 values[node.name] = inputs
             elif node.kind == "parameter":
                 values[node.name] = params[node.param_names[0]]
+            elif node.kind == "constant":
+                values[node.name] = node.fx_node.args[0]
             elif node.kind == "output":
                 values[node.name] = values[node.inputs[0]]
             elif node.fx_node.op == "get_attr":
@@ -268,6 +273,16 @@ class ModuleGraph:
                                             for g, w in zip(got, want)):
                 raise ValueError(f"{_describe(node.fx_node)} mixes samples: evaluated one sample at a time it "
                                  "differs from the batched evaluation, so per-sample factor rows do not exist")
+
+
+def _defaults(model: nn.Module) -> dict | None:
+    """Arguments of ``forward`` after the input that have defaults: fixed at them (the model is called with one
+    tensor), so torch.fx does not make them graph inputs."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    fixed = {q.name: q.default for q in params if q.default is not inspect.Parameter.empty}
+    return fixed or None
 
 
 def _attention(module, p, args, kwargs):
