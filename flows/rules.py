@@ -42,15 +42,18 @@ class GradientFlow:
 
 
 def _chain_leaves(problem, rule: str):
-    """The leaves of a plain chain of Linear and elementwise activation modules (what FA and DFA need)."""
-    from flows.modules import ActivationOps, LinearOps, _Seq, leaves, structure
+    """The nodes of a plain chain of Linear and elementwise activation modules (what FA and DFA need)."""
+    from flows.modules import ActivationOps, LinearOps, read
 
-    tree = structure(problem.model)
-    found = leaves(tree)
-    if not isinstance(tree, _Seq) or not all(isinstance(leaf, LinearOps | ActivationOps) for leaf in found):
-        kinds = sorted({type(leaf.module).__name__ for leaf in found})
-        raise ValueError(f"{rule} needs a chain of Linear and activation layers; this model has {kinds}")
-    return tree, found
+    graph = read(problem.model)
+    found = [n for n in graph.nodes if n.kind not in ("input", "output")]
+    previous = graph.nodes[0].name
+    for node in found:
+        if not isinstance(node.ops, LinearOps | ActivationOps) or node.inputs != [previous]:
+            kinds = sorted({type(n.ops).__name__.removesuffix("Ops") for n in found})
+            raise ValueError(f"{rule} needs a chain of Linear and activation layers; this model has {kinds}")
+        previous = node.name
+    return graph, found
 
 
 def _feedback_matrix(name, shape, fan_in, given, generator, problem):
@@ -83,20 +86,17 @@ class FeedbackAlignment:
         gen = torch.Generator().manual_seed(seed)
         self.feedback = {}
         for leaf in self.leaves:
-            if isinstance(leaf, LinearOps):
-                self.feedback[leaf.prefix] = _feedback_matrix(
-                    leaf.prefix, (leaf.out_features, leaf.in_features), leaf.in_features,
-                    (feedback or {}).get(leaf.prefix), gen, problem)
+            if isinstance(leaf.ops, LinearOps):
+                self.feedback[leaf.module] = _feedback_matrix(
+                    leaf.module, (leaf.ops.out_features, leaf.ops.in_features), leaf.ops.in_features,
+                    (feedback or {}).get(leaf.module), gen, problem)
         self.seed = seed
 
     def _forward_and_error(self, theta):
         """Parameters, the forward trace and the output error ∂L/∂y (B, C) at one θ."""
-        from flows.modules import _forward
-
         params = self.problem.unflatten(theta)
-        trace: dict = {}
-        y = _forward(self.tree, self.problem.inputs, params, trace)
-        error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(y)
+        trace = self.tree.forward(params, self.problem.inputs)
+        error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(trace.output)
         return params, trace, error.reshape(error.shape[0], -1)
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
@@ -108,12 +108,12 @@ class FeedbackAlignment:
             params, trace, lam = self._forward_and_error(th)
             grads = []
             for leaf in reversed(self.leaves):
-                x, p = trace[id(leaf)], leaf.params(params)
-                if isinstance(leaf, LinearOps):
-                    grads.append(leaf.vjp_param(x, p, lam))
-                    lam = lam @ self.feedback[leaf.prefix]
+                x, p = trace.values[leaf.inputs[0]], leaf.local(params)
+                if isinstance(leaf.ops, LinearOps):
+                    grads.append(leaf.ops.vjp_param(p, [x], lam))
+                    lam = lam @ self.feedback[leaf.module]
                 else:
-                    lam = leaf.vjp_input(x, p, lam[:, None])[:, 0]
+                    lam = leaf.ops.pull(p, [x], lam[:, None], [True])[0][0][:, 0]
             return torch.cat(grads[::-1])
 
         return batched(one, theta)
@@ -137,16 +137,16 @@ class DirectFeedbackAlignment(FeedbackAlignment):
 
         self.problem = problem
         self.tree, self.leaves = _chain_leaves(problem, "DirectFeedbackAlignment")
-        linear = [leaf for leaf in self.leaves if isinstance(leaf, LinearOps)]
-        outputs = linear[-1].out_features
+        linear = [leaf for leaf in self.leaves if isinstance(leaf.ops, LinearOps)]
+        outputs = linear[-1].ops.out_features
         gen = torch.Generator().manual_seed(seed)
         self.feedback = {}
         for leaf in linear[:-1]:
             after = self.leaves[self.leaves.index(leaf) + 1]
-            if not isinstance(after, ActivationOps):
-                raise ValueError(f"DirectFeedbackAlignment needs an activation after hidden layer {leaf.prefix!r}")
-            self.feedback[leaf.prefix] = _feedback_matrix(leaf.prefix, (outputs, leaf.out_features), outputs,
-                                                          (feedback or {}).get(leaf.prefix), gen, problem)
+            if not isinstance(after.ops, ActivationOps):
+                raise ValueError(f"DirectFeedbackAlignment needs an activation after hidden layer {leaf.module!r}")
+            self.feedback[leaf.module] = _feedback_matrix(leaf.module, (outputs, leaf.ops.out_features), outputs,
+                                                          (feedback or {}).get(leaf.module), gen, problem)
         self.seed = seed
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
@@ -157,16 +157,16 @@ class DirectFeedbackAlignment(FeedbackAlignment):
             params, trace, error = self._forward_and_error(th)
             grads = []
             for i, leaf in enumerate(self.leaves):
-                if not isinstance(leaf, LinearOps):
+                if not isinstance(leaf.ops, LinearOps):
                     continue
-                x, p = trace[id(leaf)], leaf.params(params)
-                if leaf.prefix in self.feedback:
+                x, p = trace.values[leaf.inputs[0]], leaf.local(params)
+                if leaf.module in self.feedback:
                     activation = self.leaves[i + 1]
-                    z = trace[id(activation)]  # the activation's input is this layer's output
-                    delta = (error @ self.feedback[leaf.prefix]) * activation.derivative(z)
+                    z = trace.values[activation.inputs[0]]  # the activation's input is this layer's output
+                    delta = (error @ self.feedback[leaf.module]) * activation.ops.derivative(z)
                 else:
                     delta = error
-                grads.append(leaf.vjp_param(x, p, delta))
+                grads.append(leaf.ops.vjp_param(p, [x], delta))
             return torch.cat(grads)
 
         return batched(one, theta)
