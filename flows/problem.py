@@ -375,6 +375,29 @@ class Problem:
     def _loss(self, theta: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._outputs(theta, self.inputs), self.targets)
 
+    def _subset_loss(self, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self._outputs(theta, inputs), targets)
+
+    def _sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self._outputs(theta, x.unsqueeze(0)), y.unsqueeze(0))
+
+    def _subset(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and targets at ``indices`` (all of them for ``None``), checked."""
+        if indices is None:
+            return self.inputs, self.targets
+        idx = torch.as_tensor(indices, device=self.device)
+        if idx.numel() == 0:
+            raise ValueError("indices is empty: a minibatch needs at least one sample")
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.ndim != 1:
+            raise TypeError(f"indices must be a 1-D sequence of integer sample indices, got dtype {idx.dtype} and "
+                            f"shape {tuple(idx.shape)}")
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= self.batch_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"sample index {bad} is outside 0…{self.batch_size - 1} (the training data has "
+                             f"{self.batch_size} samples)")
+        return self.inputs[idx], self.targets[idx]
+
     def _batched(self, fn, theta: torch.Tensor):
         self._check(theta)
         if theta.ndim == 1:
@@ -391,18 +414,77 @@ class Problem:
         x = self.inputs if inputs is None else self._to_device(torch.as_tensor(inputs))
         return self._batched(lambda th: self._outputs(th, x), theta)
 
-    def loss(self, theta: torch.Tensor) -> torch.Tensor:
-        """L(θ); θ of shape (N,) gives a scalar, (E, N) gives E losses (vmap). Cost: one forward pass."""
-        return self._batched(self._loss, theta)
+    def loss(self, theta: torch.Tensor, indices=None) -> torch.Tensor:
+        """L(θ); θ of shape (N,) gives a scalar, (E, N) gives E losses (vmap). Cost: one forward pass.
 
-    def grad(self, theta: torch.Tensor) -> torch.Tensor:
-        """∇L(θ), same shape as θ. Cost: one forward and one backward pass (per ensemble member)."""
-        return self._batched(grad(self._loss), theta)
+        ``indices`` (a 1-D sequence of training-sample indices) evaluates the minibatch loss
+        L_B(θ) = loss(model(inputs[B]; θ), targets[B]) instead of the full-batch one."""
+        if indices is None:
+            return self._batched(self._loss, theta)
+        x, y = self._subset(indices)
+        return self._batched(lambda th: self._subset_loss(th, x, y), theta)
 
-    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L(θ), ∇L(θ)) from one forward and one backward pass."""
-        g, value = self._batched(grad_and_value(self._loss), theta)
+    def grad(self, theta: torch.Tensor, indices=None) -> torch.Tensor:
+        """∇L(θ) (or the minibatch gradient ∇L_B(θ) for ``indices``), same shape as θ. Cost: one forward and one
+        backward pass (per ensemble member)."""
+        if indices is None:
+            return self._batched(grad(self._loss), theta)
+        x, y = self._subset(indices)
+        return self._batched(grad(lambda th: self._subset_loss(th, x, y)), theta)
+
+    def value_and_grad(self, theta: torch.Tensor, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(θ), ∇L(θ)) — or the minibatch pair for ``indices`` — from one forward and one backward pass."""
+        if indices is None:
+            g, value = self._batched(grad_and_value(self._loss), theta)
+        else:
+            x, y = self._subset(indices)
+            g, value = self._batched(grad_and_value(lambda th: self._subset_loss(th, x, y)), theta)
         return value, g
+
+    def sample_losses(self, theta: torch.Tensor, indices=None) -> torch.Tensor:
+        """Per-sample losses ℓ_i(θ) = loss(model(x_i; θ), y_i) for one θ of shape (N,), shape (B,) over the training
+        samples (or ``indices``). Requires a loss that is the mean of per-sample losses (see
+        :meth:`check_sample_losses`). Cost: one forward pass, vmapped over samples."""
+        self._check_single(theta, "sample_losses")
+        self.check_sample_losses()
+        x, y = self._subset(indices)
+        return vmap(self._sample_loss, in_dims=(None, 0, 0))(theta, x, y)
+
+    def sample_grads(self, theta: torch.Tensor, indices=None) -> torch.Tensor:
+        """Per-sample gradients g_i = ∇ℓ_i(θ) for one θ of shape (N,), shape (B, N) over the training samples (or
+        ``indices``); their mean is ∇L(θ). Cost: B forward and backward passes, vmapped (memory B·N)."""
+        self._check_single(theta, "sample_grads")
+        self.check_sample_losses()
+        x, y = self._subset(indices)
+        return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(theta, x, y)
+
+    def check_sample_losses(self) -> None:
+        """Raise a ``ValueError`` unless L is the mean of per-sample losses, L(θ) = (1/B) Σ_i ℓ_i(θ).
+
+        Minibatch noise models (per-sample gradients, their covariance) are defined only for such losses. Checked
+        once, at θ₀ on up to 64 training samples, to a relative 1e-8 (the built-in "mse" and "cross_entropy" pass;
+        a loss summed over the batch, or one that couples samples, is refused by name)."""
+        if getattr(self, "_sample_losses_checked", False):
+            return
+        n = min(self.batch_size, 64)
+        x, y = self.inputs[:n], self.targets[:n]
+        try:
+            with torch.no_grad():
+                each = vmap(self._sample_loss, in_dims=(None, 0, 0))(self.theta0, x, y)
+                whole = self._subset_loss(self.theta0, x, y)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"the model or the loss {self.loss_name!r} cannot be evaluated one sample at a time "
+                             f"({type(exc).__name__}: {exc}), so the problem has no per-sample losses") from None
+        if each.shape != (n,) or not torch.allclose(each.mean(), whole, rtol=1e-8, atol=1e-12):
+            raise ValueError(f"the loss {self.loss_name!r} is not the mean of per-sample losses (mean of {n} "
+                             f"per-sample values {float(each.mean()):.6g}, loss of the batch {float(whole):.6g}); a "
+                             "minibatch noise model needs L = (1/B) Σ ℓ_i")
+        self._sample_losses_checked = True
+
+    def _check_single(self, theta: torch.Tensor, what: str) -> None:
+        self._check(theta)
+        if theta.ndim != 1:
+            raise ValueError(f"{what} takes one θ of shape (N,), got shape {tuple(theta.shape)}")
 
     @property
     def is_classification(self) -> bool:
