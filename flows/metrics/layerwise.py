@@ -284,21 +284,17 @@ class Layerwise(Metric):
         return self._solve_dense_factor(name, k, g)
 
     def _finish(self, out):
-        """Factor every pending dual block's μI + KKᵀ in one batched Cholesky per inner size and finish the solves."""
-        by_size: dict = {}
+        """Finish every pending dual block: Cholesky of its μI + KKᵀ (in place, one LAPACK call per block; stacking
+        the blocks for one batched call costs a copy of every d × d matrix and saves nothing on CPU) and two
+        triangular solves."""
         for i, item in enumerate(out):
-            if isinstance(item, tuple):
-                by_size.setdefault(item[0].shape[0], []).append(i)
-        for idx in by_size.values():
-            inner = torch.stack([out[i][0] for i in idx])
-            inner.diagonal(dim1=-2, dim2=-1).add_(self.mu)
-            rhs = torch.stack([out[i][1] for i in idx])[..., None]
+            if not isinstance(item, tuple):
+                continue
+            inner, rhs, finish = item
+            inner.diagonal().add_(self.mu)
             chol = torch.linalg.cholesky(inner)
-            # two triangular solves: cheaper than cholesky_solve on CPU for these sizes
-            u = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, rhs, upper=False),
-                                              upper=True)[..., 0]
-            for j, i in enumerate(idx):
-                out[i] = out[i][2](u[j])
+            u = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+            out[i] = finish(u)
         return out
 
     def _solve_dense_factor(self, name, k, g):

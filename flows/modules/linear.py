@@ -82,7 +82,9 @@ class LinearOps:
         inputs = x @ x.T
         if self.has_bias:
             inputs = inputs + 1
-        return ((flat @ flat.T).reshape(b, r, b, r) * inputs[:, None, :, None]).reshape(b * r, b * r)
+        gram = flat @ flat.T
+        gram.view(b, r, b, r).mul_(inputs[:, None, :, None])  # in place: no second d × d buffer
+        return gram
 
     def k_mv(self, ins, rows, g):
         g_w, g_b = self._split(g)
