@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from flows.linalg import gram
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
@@ -276,11 +277,11 @@ class Layerwise(Metric):
         mass = self._mass.get(name)
         dual = mass is None and not self._use_primal(n, d)
         if k is None and dual and hasattr(ops, "dual") and ops.has_gram(ins):
-            gram, k_mv, k_t = ops.dual(ins, rows)
-            return (gram, k_mv(g), lambda u: (g - k_t(u)) / self.mu)
+            inner, k_mv, k_t = ops.dual(ins, rows)
+            return (inner, k_mv(g), lambda u: (g - k_t(u)) / self.mu)
         k = (k if k is not None else ops.k_rows(p, ins, rows)).reshape(d, n)
         if dual:
-            return (k @ k.T, k @ g, lambda u: (g - k.T @ u) / self.mu)
+            return (gram(k), k @ g, lambda u: (g - k.T @ u) / self.mu)
         return self._solve_dense_factor(name, k, g)
 
     def _finish(self, out):

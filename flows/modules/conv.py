@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flows.linalg import gram
+
 
 def supports(module: nn.Module) -> bool:
     """Whether the structured path covers this convolution (zero padding given as sizes, one group)."""
@@ -76,12 +78,12 @@ class ConvOps:
         u_patch = self._patches(ins[0], self._kernel)
         l_rows = rows.reshape(b, r, self.out_channels, -1)
         k_w = torch.einsum("brop,bip->broi", l_rows, u_patch).reshape(b * r, -1)
-        gram = k_w @ k_w.T
+        inner = gram(k_w)
         n_w = k_w.shape[1]
         if not self.has_bias:
-            return gram, lambda g: k_w @ g, lambda u: k_w.T @ u
+            return inner, lambda g: k_w @ g, lambda u: k_w.T @ u
         s = l_rows.sum(-1).reshape(b * r, -1)
-        return (gram + s @ s.T, lambda g: k_w @ g[:n_w] + s @ g[n_w:],
+        return (inner + s @ s.T, lambda g: k_w @ g[:n_w] + s @ g[n_w:],
                 lambda u: torch.cat([k_w.T @ u, s.T @ u]))
 
     def k_rows(self, p, ins, rows):

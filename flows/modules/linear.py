@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flows.linalg import gram as gram_of
+
 
 class Linear(nn.Linear):
     """y = W x + b (bias optional), parameters (W row-major, then b). Float64 by default."""
@@ -82,9 +84,9 @@ class LinearOps:
         inputs = x @ x.T
         if self.has_bias:
             inputs = inputs + 1
-        gram = flat @ flat.T
-        gram.view(b, r, b, r).mul_(inputs[:, None, :, None])  # in place: no second d × d buffer
-        return gram
+        out = gram_of(flat)
+        out.view(b, r, b, r).mul_(inputs[:, None, :, None])  # in place: no second d × d buffer
+        return out
 
     def k_mv(self, ins, rows, g):
         g_w, g_b = self._split(g)
