@@ -220,3 +220,72 @@ def teacher_student(n: int = 512, sizes=(10, 20, 5), *, noise: float = 0.0, seed
             x = torch.randn(m, sizes[0], generator=test_gen, dtype=dtype)
             y = teacher(x) + noise * torch.randn(m, sizes[-1], generator=test_gen, dtype=dtype)
     return x, y
+
+
+def cnn(channels: int = 16, *, classes: int = 10, seed: int = 0, dtype=torch.float64) -> nn.Sequential:
+    """A small CNN for the 8×8 digit images (``digits(images=True)``): conv 1→c (3×3, pad 1) → tanh → conv c→c
+    (3×3, pad 1, stride 2) → tanh → flatten → Linear(16c → classes). torch's default initialisation under
+    ``seed``. The architecture of ``benchmarks/metrics.py`` and ``examples/cnn_digits.py``."""
+    if int(channels) < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, dtype=dtype), nn.Tanh(),
+                             nn.Conv2d(channels, channels, 3, padding=1, stride=2, dtype=dtype), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(channels * 16, classes, dtype=dtype))
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def token_sum(n: int = 512, *, length: int = 8, vocab: int = 16, modulus: int = 10, split: str | None = None,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic sequence task: ``length`` tokens drawn uniformly from 0…vocab−1, label = their sum modulo
+    ``modulus``. Every token matters and their order does not, so attention has to pool the whole sequence.
+
+    Returns (tokens (n, length) long, labels (n,) long). ``split="test"`` draws n fresh sequences from a stream
+    independent of the training draw (same seed), so train and test never share a draw by construction (a
+    sequence may still repeat by chance when vocab**length is small). Synthetic (generated here): no licence.
+    """
+    _check_split(split)
+    for name, value in (("n", n), ("length", length), ("vocab", vocab), ("modulus", modulus)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    gen = torch.Generator().manual_seed(seed + (1_000_003 if split == "test" else 0))
+    tokens = torch.randint(0, vocab, (n, length), generator=gen)
+    return tokens, tokens.sum(1) % modulus
+
+
+class Transformer(nn.Module):
+    """One pre-norm transformer block on token sequences, mean-pooled into class logits:
+
+        h = embed(tokens) + positions;  h ← h + attention(LayerNorm(h));  h ← h + down(tanh(up(LayerNorm(h))))
+        logits = head(mean over positions of h)
+
+    Embedding, learned positions, ``nn.MultiheadAttention`` (``heads`` heads), two LayerNorms, an MLP
+    width → hidden → width and a linear head — every module family the layerwise metric has a path for.
+    """
+
+    def __init__(self, vocab: int = 16, length: int = 8, width: int = 16, heads: int = 2, hidden: int = 32,
+                 classes: int = 10, *, seed: int = 0, dtype=torch.float64):
+        super().__init__()
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            self.embed = nn.Embedding(vocab, width, dtype=dtype)
+            self.position = nn.Parameter(0.1 * torch.randn(length, width, dtype=dtype))
+            self.norm1 = nn.LayerNorm(width, dtype=dtype)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True, dtype=dtype)
+            self.norm2 = nn.LayerNorm(width, dtype=dtype)
+            self.up = nn.Linear(width, hidden, dtype=dtype)
+            self.down = nn.Linear(hidden, width, dtype=dtype)
+            self.head = nn.Linear(width, classes, dtype=dtype)
+        finally:
+            torch.random.set_rng_state(gen_state)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.down(torch.tanh(self.up(self.norm2(h))))
+        return self.head(h.mean(dim=1))

@@ -28,3 +28,17 @@ def gram(k: torch.Tensor) -> torch.Tensor:
         above = [lower[c][..., :, edges[a]:edges[a + 1]].mT for c in range(a + 1, m)]
         rows.append(torch.cat([lower[a], *above], dim=-1))
     return torch.cat(rows, dim=-2)
+
+
+
+def differentiable_attention():
+    """A context in which scaled-dot-product attention runs its composite ("math") kernel.
+
+    PyTorch's fused CPU attention kernels have no forward-mode derivative and no double backward, so a
+    Jacobian–vector product or a second derivative through ``nn.MultiheadAttention`` fails inside them; the math
+    kernel is the same function written in differentiable operations. Every evaluation of a model in flows
+    (``Problem``, the module graph and its generic leaves) runs inside this context, so contraction rates, Ġ,
+    Lyapunov tangents and Hessian–vector products work on attention models like on any other."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from flows.linalg import differentiable_attention
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -370,7 +372,8 @@ class Problem:
     # -- pure functions of one θ (vmap-able) ----------------------------------------------------
     def _outputs(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         params = self.unflatten(theta)
-        return functional_call(self.model, (params, self.buffers), (inputs,))
+        with differentiable_attention():  # forward-mode and second derivatives through attention, too
+            return functional_call(self.model, (params, self.buffers), (inputs,))
 
     def _loss(self, theta: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self._outputs(theta, self.inputs), self.targets)
