@@ -205,14 +205,14 @@ class _CountingBrownian(torchsde.BrownianInterval):
     """A BrownianInterval that counts the increments the solver draws (one per step of a fixed-step method) and
     tells the SDE when the solve proper has begun (torchsde probes the SDE once for shapes before)."""
 
-    def __init__(self, *args, on_first=None, **kwargs):
+    def __init__(self, *args, on_call=None, **kwargs):
         super().__init__(*args, **kwargs)
         object.__setattr__(self, "_flows_count", 0)
-        object.__setattr__(self, "_flows_on_first", on_first)
+        object.__setattr__(self, "_flows_on_call", on_call)
 
     def __call__(self, *args, **kwargs):
-        if self._flows_count == 0 and self._flows_on_first is not None:
-            self._flows_on_first()
+        if self._flows_on_call is not None:
+            self._flows_on_call()
         object.__setattr__(self, "_flows_count", self._flows_count + 1)
         return super().__call__(*args, **kwargs)
 
@@ -409,7 +409,9 @@ def simulate_sde(
     lr = _positive(lr, "lr")
     drift, problem, metric, fused = _drift_of(field, metric)
     n_data = problem.batch_size
-    batch_size = _count(batch_size, "batch_size", 1, n_data, f" (the training data has {n_data} samples)")
+    minibatch = not isinstance(noise, ConstantNoise | torch.Tensor | list | tuple)  # b ≤ n only if b samples are drawn
+    batch_size = _count(batch_size, "batch_size", 1, n_data if minibatch else None,
+                        f" (the training data has {n_data} samples)")
     paths = _count(paths, "paths", 1)
     if metric is not None and not isinstance(metric, Metric):
         raise TypeError(f"metric must be a flows.metrics.Metric, got {type(metric).__name__}")
@@ -476,7 +478,7 @@ def simulate_sde(
     if bm is None:
         bm = _CountingBrownian(t0=float(t[0]), t1=float(t[-1]), size=(paths, channels), dtype=theta0.dtype,
                                device=theta0.device, entropy=seed, dt=dt,
-                               levy_area_approximation=_LEVY_AREA.get(method, "none"), on_first=sde.solve_started)
+                               levy_area_approximation=_LEVY_AREA.get(method, "none"), on_call=sde.solve_started)
     elif tuple(bm.shape) != (paths, channels):
         raise ValueError(f"bm must have shape (paths, channels) = ({paths}, {channels}), got {tuple(bm.shape)}")
     solver = {"method": method, "dt": dt, "adaptive": bool(adaptive), "rtol": rtol, "atol": atol,
