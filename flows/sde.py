@@ -483,11 +483,18 @@ def simulate_sde(
         raise ValueError(f"bm must have shape (paths, channels) = ({paths}, {channels}), got {tuple(bm.shape)}")
     solver = {"method": method, "dt": dt, "adaptive": bool(adaptive), "rtol": rtol, "atol": atol,
               "options": options}
+    run_solver = dict(solver)
+    steps = float(t[-1] - t[0]) / dt
+    if not adaptive and abs(steps - round(steps)) <= 1e-9 * max(steps, 1.0):
+        # torchsde steps while curr_t < t_end with curr_t a running sum of dt, which k · dt's rounding can leave a
+        # few ulp short of t_end: one more evaluation for a step of ~1e-17. dt enlarged by a few ulp per step
+        # (relative 4·eps·k, below any meaningful change) makes k steps reach t_end; torchsde clips the last.
+        run_solver["dt"] = dt * (1 + 4 * torch.finfo(theta0.dtype).eps * max(round(steps), 1))
 
     def solve(y0, ts):
         sde.probing = noise_type == "general" and isinstance(bm, _CountingBrownian)
         with torch.random.fork_rng(devices=[]):  # torchsde's shape probe draws from the global generator
-            return torchsde.sdeint(sde, y0, ts, bm=bm, **solver)
+            return torchsde.sdeint(sde, y0, ts, bm=bm, **run_solver)
 
     metadata = _metadata(field, drift, problem, noise, metric, lr, batch_size, paths, seed, solver, sde_type,
                          noise_type, bound_event, bm)
