@@ -253,7 +253,6 @@ class _SGDSDE:
         self._t0 = self._t_out[0]
         self._bar_tick = (self._t_out[-1] - self._t0) / 200
         self._bar_next = self._t0
-        self._shape = (paths, n)
         self._minibatch = isinstance(noise, MinibatchNoise)
         self.euler_fused = False  # set by simulate_sde for Euler with the minibatch noise and the drift −G⁻¹∇L
         self._dt = None
@@ -490,7 +489,7 @@ def simulate_sde(
         raise ValueError(f"theta0 has length {theta0.shape[-1]} but the problem has {n} parameters")
     if not bool(torch.isfinite(theta0).all()):
         raise ValueError("theta0 contains non-finite values")
-    theta0 = theta0.detach().clone().contiguous()
+    theta0 = theta0.detach().to(problem.dtype, problem.device).clone().contiguous()  # in the problem dtype
     t = _check_times(t, theta0)
     dt = lr if dt is None else _positive(dt, "dt")
     if options is not None and not isinstance(options, dict):

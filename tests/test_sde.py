@@ -343,9 +343,9 @@ def test_every_additive_method_follows_the_mean_flow(method):
     paths, h, T = 400, 0.05, 1.0
     problem = flows.data.quadratic(H, torch.ones(2))
     A = torch.linalg.solve(M, H)
-    exact = torch.linalg.matrix_exp(-A * T) @ torch.ones(2, dtype=torch.float64)
-    euler = torch.linalg.matrix_power(torch.eye(2, dtype=torch.float64) - h * A, round(T / h)) @ torch.ones(2,
-                                                                                                           dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+    exact = torch.linalg.matrix_exp(-A * T) @ one
+    euler = torch.linalg.matrix_power(torch.eye(2, dtype=torch.float64) - h * A, round(T / h)) @ one
     traj = flows.simulate_sde(problem, torch.ones(2), [0.0, T], lr=0.1, batch_size=1, paths=paths, noise=SIGMA,
                               metric=Constant(M), method=method, dt=h, seed=7, progress=False, record=False)
     final = traj.theta[-1]
