@@ -489,7 +489,7 @@ def simulate_sde(
         raise ValueError(f"theta0 has length {theta0.shape[-1]} but the problem has {n} parameters")
     if not bool(torch.isfinite(theta0).all()):
         raise ValueError("theta0 contains non-finite values")
-    theta0 = theta0.detach().to(problem.dtype, problem.device).clone().contiguous()  # in the problem dtype
+    theta0 = theta0.detach().to(device=problem.device, dtype=problem.dtype).clone().contiguous()  # in the problem dtype
     t = _check_times(t, theta0)
     dt = lr if dt is None else _positive(dt, "dt")
     if options is not None and not isinstance(options, dict):
