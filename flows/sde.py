@@ -405,7 +405,8 @@ def simulate_sde(
             (e.g. :class:`flows.rules.GradientFlow`).
         theta0: the initial state (N,), shared by all paths, or (P, N), one per path.
         t: output times, strictly increasing. t = kη is SGD's step k.
-        lr, batch_size: η and b of the SGD run the SDE models (noise scale √(η/b)); 1 ≤ b ≤ n.
+        lr, batch_size: η and b of the SGD run the SDE models (noise scale √(η/b)); 1 ≤ b ≤ n for the minibatch
+            noise (b samples are drawn from n), b ≥ 1 for a constant one.
         paths: P, the number of sample paths (torchsde's batch dimension; one solve for all).
         metric: G for a Problem's drift and for the noise (default Euclidean).
         noise: ``"minibatch"`` (default), a :class:`MinibatchNoise` or :class:`ConstantNoise`, or a covariance Σ
@@ -414,7 +415,8 @@ def simulate_sde(
         method, dt, adaptive, rtol, atol, options: torchsde's, passed to ``sdeint`` unchanged (dt defaults to lr:
             one step per SGD step). The valid methods depend on the noise: :func:`methods`. Between steps torchsde
             interpolates linearly, so choose dt dividing the output spacing.
-        seed: entropy of the Brownian motion (a :class:`torchsde.BrownianInterval`): same seed, same paths.
+        seed: entropy of the Brownian motion (a :class:`torchsde.BrownianInterval`) and the seed of the subsample:
+            same seed, same paths.
         bm: a torchsde Brownian motion of shape (P, channels) to use instead (e.g. with ``halfway_tree=True`` for one
             Brownian path shared across step sizes); ``seed`` is then unused.
         event: a stop condition g(t, θ) (e.g. :func:`flows.events.loss_below`); the solve advances output interval by
