@@ -199,7 +199,7 @@ def test_subsample_factor_is_the_rescaled_subset_covariance():
 
 
 # -- reproducibility, events, divergence ---------------------------------------------------------------------------
-def test_same_seed_same_paths_and_different_seeds_differ():
+def test_same_seed_same_paths_and_different_seeds_differ(tmp_path):
     problem = regression_problem()
     t = torch.linspace(0, 0.5, 6, dtype=torch.float64)
     run = {seed: flows.simulate_sde(problem, problem.theta0, t, lr=0.05, batch_size=4, paths=3, seed=seed,
@@ -218,6 +218,8 @@ def test_same_seed_same_paths_and_different_seeds_differ():
     assert traj.stats["nfe"] == traj.stats["increments"] == 10
     member = traj.member(1)
     assert member.theta.shape == (6, problem.num_params)
+    loaded = flows.Trajectory.load(traj.save(tmp_path / "sde.npz"))
+    assert torch.equal(loaded.theta, traj.theta) and loaded.metadata["dynamics"] == "sde"
 
 
 def test_per_path_initial_states_and_a_field_with_its_metric():
