@@ -5,9 +5,10 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import action, contraction, data, events, metrics, modules, natural, plot, rules, sweep
+from flows import action, contraction, data, events, metrics, modules, natural, plot, rules, sde, sweep
 from flows.errors import FlowDivergedError, NotEffectiveError
 from flows.problem import Block, Problem
+from flows.sde import simulate_sde
 from flows.simulate import simulate
 from flows.trajectory import Trajectory
 
@@ -26,6 +27,8 @@ __all__ = [
     "natural",
     "plot",
     "rules",
+    "sde",
     "simulate",
+    "simulate_sde",
     "sweep",
 ]
