@@ -16,10 +16,13 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from flows.discrete import Gradient, minibatches
+from flows.discrete import GD, SGD, Adam, Gradient, Momentum, NaturalGradientDescent, minibatches
 from flows.errors import FlowDivergedError
 from flows.simulate import record_measurements
 from flows.trajectory import Trajectory
+
+# the updates, importable from here too (``from flows.iterate import GD``); their home is flows.discrete
+__all__ = ["iterate", "GD", "SGD", "Momentum", "Adam", "NaturalGradientDescent"]
 
 
 def _positive_int(value, name: str, *, allow_zero: bool = False) -> int:
