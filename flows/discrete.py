@@ -106,9 +106,10 @@ class Momentum(Update):
 
         v_{k+1} = β v_k + g_k,    θ_{k+1} = θ_k − η v_{k+1},    v_0 = 0,
 
-    which is Polyak's θ_{k+1} = θ_k − η g_k + β (θ_k − θ_{k−1}) (θ_{−1} = θ_0). Its continuous limit is
-    :class:`flows.rules.HeavyBall` with time kη and friction (1 − β)/η on the rescaled velocity. State: v. Cost per
-    step: one gradient.
+    which is Polyak's θ_{k+1} = θ_k − η g_k + β (θ_k − θ_{k−1}) (θ_{−1} = θ_0). Read at t = kη, its second-order
+    continuous model is ηθ̈ + (1 − β)θ̇ = −∇L — the heavy-ball ODE of :class:`flows.rules.HeavyBall` with friction
+    γ = (1 − β)/η and the force scaled by 1/η; as η → 0 at fixed β it follows θ̇ = −∇L/(1 − β) (an effective step
+    η/(1 − β)). State: v. Cost per step: one gradient.
     """
 
     def __init__(self, problem: Problem, beta: float = 0.9):
