@@ -114,3 +114,12 @@ def test_bad_input_is_named():
         sharpness(problem, ensemble)
     with pytest.raises(TypeError, match="flows metric"):
         sharpness(problem, problem.theta0, metric=object())
+
+
+def test_a_loss_linear_in_theta_has_zero_sharpness():
+    from torch import nn
+
+    model = nn.Linear(5, 1, bias=False, dtype=torch.float64)
+    problem = flows.Problem(model, lambda out, target: out.mean(), (torch.eye(5), torch.zeros(5, 1)))
+    result = sharpness(problem, problem.theta0, lr=0.1)
+    assert result.sharpness.item() == 0.0 and result.lambda_min.item() == 0.0 and result.radius.item() == 1.0
