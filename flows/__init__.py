@@ -5,8 +5,9 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from flows import action, contraction, data, events, metrics, modules, natural, plot, rules, sde, sweep
+from flows import action, contraction, data, discrete, events, metrics, modules, natural, plot, rules, sde, sweep
 from flows.errors import FlowDivergedError, NotEffectiveError
+from flows.iterate import iterate
 from flows.problem import Block, Problem
 from flows.sde import simulate_sde
 from flows.simulate import simulate
@@ -21,7 +22,9 @@ __all__ = [
     "Problem",
     "Trajectory",
     "data",
+    "discrete",
     "events",
+    "iterate",
     "metrics",
     "modules",
     "natural",

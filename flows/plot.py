@@ -466,3 +466,28 @@ def stability_report(report, *, title: str | None = None) -> Figure:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def sharpness(result, *, ax: Axes | None = None, radius: bool = False) -> Figure:
+    """Sharpness λ_max(H) (or λ_max(G⁻¹H)) against time from :func:`flows.contraction.sharpness`, with the
+    stability threshold 2/η dashed in the same colour — the edge-of-stability picture (Cohen et al. 2021). ``result``
+    is one result or a mapping {label: result}. ``radius=True`` adds, on a second y-axis, the spectral radius of
+    I − ηG⁻¹H (dotted; above 1 the discrete map is locally unstable)."""
+    fig, ax = _axes(ax)
+    results = result if isinstance(result, Mapping) else {None: result}
+    twin = ax.twinx() if radius else None
+    for label, res in results.items():
+        name = "λ_max" if res.metric == "Euclidean" else f"λ_max(G⁻¹H), G = {res.metric}"
+        line, = ax.plot(res.t, res.sharpness, lw=2, label=f"{label}: {name}" if label is not None else name)
+        if res.threshold is not None:
+            ax.axhline(res.threshold, ls="--", lw=1.2, color=line.get_color(),
+                       label=f"2/η = {res.threshold:.3g}" + (f" ({label})" if label is not None else ""))
+        if twin is not None and res.radius is not None:
+            twin.plot(res.t, res.radius, ls=":", color=line.get_color())
+    if twin is not None:
+        twin.axhline(1.0, color="k", lw=0.6, ls=":")
+        twin.set_ylabel("spectral radius of I − ηG⁻¹H (dotted)")
+    ax.set(xlabel="time t = k·η", ylabel="sharpness", title="sharpness against the stability threshold 2/η")
+    ax.grid(True, alpha=0.3)
+    _legend(ax)
+    return fig
