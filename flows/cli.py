@@ -41,8 +41,8 @@ def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dic
     recorded at the final time (None without an eval set "test"), and the solver's counts."""
     return {
         "run": label,
-        "final_loss": float(traj.loss[-1]),
-        "accuracy": float(problem.accuracy(traj.final)),
+        "final_loss": float(traj.loss[-1].mean()),  # an SDE ensemble: the mean over its paths
+        "accuracy": float(problem.accuracy(traj.final).mean()),
         "test_loss": _final_metric(traj, "test_loss"),
         "test_accuracy": _final_metric(traj, "test_accuracy"),
         "t_end": float(traj.t[-1]),
@@ -54,7 +54,7 @@ def summarize(label: str, problem: flows.Problem, traj: flows.Trajectory) -> dic
 
 
 def _final_metric(traj: flows.Trajectory, key: str) -> float | None:
-    return float(traj.metrics[key][-1]) if key in traj.metrics else None
+    return float(traj.metrics[key][-1].mean()) if key in traj.metrics else None  # SDE ensembles: path mean
 
 
 COLUMNS = [("run", "{}"), ("final_loss", "{:.4g}"), ("accuracy", "{:.3f}"), ("t_end", "{:.3g}"),
@@ -175,17 +175,46 @@ def _run_demo(args) -> int:
     return 0
 
 
+RULES = ("flow", "gd", "sgd", "momentum", "adam", "ngd", "sde")
+
+
+def _check_positive(value, flag: str) -> None:
+    if value is None or not value > 0 or value != value:
+        raise ValueError(f"{flag} must be > 0 for --rule other than flow, got {value}")
+
+
 def _run_simulate(args) -> int:
     dtype = DTYPES[args.dtype]
     problem = digits_problem(args.hidden, samples=args.samples, seed=args.seed, dtype=dtype)
     metric = make_metric(args.metric, problem, mu=args.mu, metric_batch=args.metric_batch, seed=args.seed)
-    options = {"step_size": args.step_size} if args.step_size else None
-    t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
     start = time.perf_counter()
-    traj = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t, method=args.method,
-                          rtol=args.rtol, atol=args.atol, options=options, progress=not args.quiet)
+    progress = not args.quiet
+    if args.rule == "flow":
+        options = {"step_size": args.step_size} if args.step_size else None
+        t = torch.linspace(0.0, args.t_end, args.points, dtype=dtype)
+        traj = flows.simulate(flows.rules.GradientFlow(problem, metric), problem.theta0, t, method=args.method,
+                              rtol=args.rtol, atol=args.atol, options=options, progress=progress)
+        label = args.metric
+    else:
+        _check_positive(args.lr, "--lr")
+        steps = max(1, round(args.t_end / args.lr))
+        if args.rule == "sde":
+            _check_positive(args.batch_size, "--batch-size")
+            t = torch.linspace(0.0, steps * args.lr, args.points, dtype=dtype)
+            traj = flows.simulate_sde(problem, problem.theta0, t, lr=args.lr, batch_size=args.batch_size,
+                                      paths=args.paths, metric=metric, seed=args.seed, progress=progress)
+            label = f"sde (η={args.lr:g}, b={args.batch_size}, P={args.paths})"
+        else:
+            batch = None if args.rule == "gd" else args.batch_size
+            update = {"gd": flows.discrete.GD, "sgd": flows.discrete.GD, "momentum": flows.discrete.Momentum,
+                      "adam": flows.discrete.Adam}.get(args.rule)
+            update = flows.discrete.NaturalGradientDescent(problem, metric) if update is None else update(problem)
+            every = max(1, steps // max(1, args.points - 1))
+            traj = flows.iterate(update, problem.theta0, steps, lr=args.lr, batch_size=batch, seed=args.seed,
+                                 record_every=every, progress=progress)
+            label = f"{args.rule} (η={args.lr:g}" + (f", b={batch})" if batch else ")")
     path = traj.save(args.output)
-    print(format_table([summarize(args.metric, problem, traj)]))
+    print(format_table([summarize(label, problem, traj)]))
     print(f"\nwrote {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -317,8 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     figs.add_argument("--quick", action="store_true", help="the examples' quick mode")
     figs.set_defaults(run=_run_figures)
 
-    sim = sub.add_parser("simulate", help="one gradient flow of an MLP on digits, saved as .npz",
-                         description="Simulate one gradient flow of a tanh MLP on the bundled digits data.")
+    sim = sub.add_parser("simulate", help="one run (a flow, discrete training or the SGD SDE) of an MLP on digits",
+                         description="Train a tanh MLP on the bundled digits data with one rule and save the "
+                                     "trajectory: the gradient flow under --metric (torchdiffeq), discrete gradient "
+                                     "descent, minibatch SGD, momentum, Adam or natural-gradient descent "
+                                     "(flows.iterate, t = k·lr), or SGD's stochastic modified equation with P paths "
+                                     "(flows.simulate_sde, torchsde).")
+    sim.add_argument("--rule", choices=RULES, default="flow",
+                     help="flow (default) | gd | sgd | momentum | adam | ngd (under --metric) | sde")
+    sim.add_argument("--lr", type=float, default=None, help="learning rate η of the discrete rules and the SDE")
+    sim.add_argument("--batch-size", type=int, default=32,
+                     help="minibatch size b of sgd/momentum/adam/ngd and of the SDE's noise (default: %(default)s)")
+    sim.add_argument("--paths", type=int, default=1, help="SDE paths in the ensemble (default: %(default)s)")
     sim.add_argument("--samples", type=int, default=None, help="use a random subset of this many digits")
     sim.add_argument("--metric", choices=METRICS, default="euclidean")
     sim.add_argument("--method", default="dopri5", help="any torchdiffeq method (default: %(default)s)")

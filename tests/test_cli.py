@@ -137,3 +137,35 @@ def test_compare_command_ranks_rules_by_their_gap(tmp_path, capsys):
     out_test = problem.outputs(traj.theta[-1], x_test)
     assert euclid["test_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out_test, y_test)), abs=1e-12)
     assert euclid["test_accuracy"] == pytest.approx(float((out_test.argmax(1) == y_test).double().mean()), abs=1e-12)
+
+
+def test_simulate_command_runs_discrete_sgd_and_the_sde_ensemble(tmp_path):
+    sgd, sde = tmp_path / "sgd.npz", tmp_path / "sde.npz"
+    common = ["--hidden", "6", "--samples", "64", "--t-end", "1", "--points", "3", "--quiet"]
+    assert main(["simulate", "--rule", "sgd", "--lr", "0.25", "--batch-size", "16", "--seed", "3", *common,
+                 "-o", str(sgd)]) == 0
+    traj = flows.Trajectory.load(sgd)
+    assert traj.metadata["dynamics"] == "discrete"
+    assert (traj.metadata["lr"], traj.metadata["batch_size"], traj.metadata["seed"]) == (0.25, 16, 3)
+    assert traj.stats["steps"] == 4 and float(traj.t[-1]) == 1.0  # t = k·lr
+    assert main(["simulate", "--rule", "sde", "--lr", "0.25", "--batch-size", "16", "--paths", "3", *common,
+                 "-o", str(sde)]) == 0
+    ensemble = flows.Trajectory.load(sde)
+    assert ensemble.metadata["dynamics"] == "sde" and ensemble.theta.shape[:2] == (3, 3)
+    assert ensemble.loss.shape == (3, 3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rule", "sgd"], "--lr must be > 0, got None"),
+    (["--rule", "adam", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--rule", "sgd", "--lr", "0.1", "--batch-size", "0"], "batch_size"),
+    (["--rule", "sde", "--lr", "0.1", "--paths", "0"], "paths must be at least 1, got 0"),
+])
+def test_simulate_command_names_bad_training_flags(tmp_path, capsys, flags, message):
+    try:
+        code = main(["simulate", *flags, "--hidden", "4", "--samples", "32", "--quiet", "-o", str(tmp_path / "x.npz")])
+    except SystemExit as exc:
+        code, err = exc.code, str(exc)
+    else:
+        err = capsys.readouterr().err
+    assert code not in (0, None) and message in err
