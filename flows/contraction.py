@@ -348,12 +348,20 @@ class _TangentField:
         self.state_length = n * (1 + k)
         self.problem = getattr(field, "problem", None)
         self._vmapped = True
+        # J = Jᵀ (a Euclidean gradient flow: J = −∇²L): JV by one batched reverse-mode pass over the gradient's graph,
+        # ≈ 2.5× cheaper than forward over reverse for an MLP (benchmarks/contraction.py)
+        self.symmetric = bool(getattr(field, "symmetric_jacobian", False))
 
     def theta_of(self, state):
         return state[..., :self.n]
 
     def __call__(self, t, state):
         theta, tangents = state[:self.n], state[self.n:].reshape(self.n, self.k)
+        if self.symmetric:
+            with torch.enable_grad():
+                values, pull = vjp(lambda th: self.field(t, th), theta)
+                products = torch.func.vmap(pull, in_dims=1, out_dims=1)(tangents)[0]
+            return torch.cat([values.detach(), products.detach().reshape(-1)])
 
         def one(v):
             return jvp(lambda th: self.field(t, th), (theta,), (v,))

@@ -29,6 +29,12 @@ class GradientFlow:
         # a metric that can produce G⁻¹∇L in one pass (the layerwise fused sweep) is asked for it directly
         self._fused = getattr(self.metric, "natural_direction", None)
 
+    @property
+    def symmetric_jacobian(self) -> bool:
+        """True when ∂f/∂θ is symmetric: under a Euclidean metric f = −∇L/scale, so J = −∇²L/scale. Analyses may then
+        take J v as the vector–Jacobian product Jᵀv (reverse over reverse), cheaper than forward mode here."""
+        return isinstance(self.metric, Euclidean)
+
     def __call__(self, t: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
             return -self._fused(theta)

@@ -152,3 +152,29 @@ def test_report_row_and_bad_inputs():
     with pytest.raises(TypeError, match="must be a flows metric"):
         rate(field, problem.theta0, metric=torch.eye(2))
     assert math.isfinite(result.row["max_real_eig"])
+
+
+def test_tangents_of_a_euclidean_gradient_flow_by_reverse_mode_equal_forward_mode():
+    """J = −∇²L is symmetric, so lyapunov takes JV by reverse mode; a field that does not declare the symmetry goes
+    through forward mode. Both must give the same exponents (dense reference: the Hessian from torch.func)."""
+    x, y = flows.data.digits(30)
+    problem = flows.Problem(tanh_mlp([64, 4, 10]), "cross_entropy", (x, y))
+    field = flows.rules.GradientFlow(problem)
+    assert field.symmetric_jacobian
+
+    def undeclared(t, theta):  # the same field, without the attribute
+        return field(t, theta)
+
+    undeclared.problem = problem
+    t = torch.linspace(0, 2.0, 5, dtype=torch.float64)
+    fast = lyapunov(field, problem.theta0, t, k=3, rtol=1e-9, atol=1e-11, progress=False)
+    slow = lyapunov(undeclared, problem.theta0, t, k=3, rtol=1e-9, atol=1e-11, progress=False)
+    torch.testing.assert_close(fast.exponents, slow.exponents, rtol=1e-7, atol=1e-9)
+    # and one tangent product against the dense Hessian
+    from flows.contraction import _TangentField  # noqa: PLC2701 (the test inspects the augmented field)
+
+    v = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    state = torch.cat([problem.theta0, v.reshape(-1)])
+    out = _TangentField(field, problem.num_params, 2)(0.0, state)
+    hessian = torch.func.hessian(problem.loss)(problem.theta0)
+    torch.testing.assert_close(out[problem.num_params:].reshape(-1, 2), -hessian @ v, rtol=1e-9, atol=1e-11)
