@@ -142,33 +142,38 @@ class KFAC(Metric):
                "padding given as sizes, one group) have one; use fallback='exact' for its exact damped block"
 
     # -- the factors --------------------------------------------------------------------------------------
-    def _kronecker(self, node, ins, rows) -> KroneckerFactors:
-        """Ω and Γ of one Linear / convolution node from its input and the factor rows at its output."""
+    def _kronecker(self, node, ins, rows, lam=None):
+        """Ω and Γ of one Linear / convolution node from its input and the factor rows at its output; with the
+        costate ``lam`` at its output also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from the same
+        patches."""
         b, r = rows.shape[:2]
         bias = len(node.param_names) == 2
         if isinstance(node.ops, ConvOps):
             u = node.ops.patches(ins[0])  # (B, C_in·k, |T|)
             out, positions = node.ops.out_channels, u.shape[-1]
-            if bias:
-                u = torch.cat([u, u.new_ones(b, 1, positions)], dim=1)
-            a = torch.einsum("bip,bjp->ij", u, u) / b
-            lf = rows.reshape(b * r, out, positions)
-            s = torch.einsum("nop,nqp->oq", lf, lf) / positions
+            # one GEMM each over all (sample, position) pairs: a copy to (B|T|, m) beats einsum's own path
+            x = u.transpose(1, 2).reshape(b * positions, -1)
+            lf = rows.reshape(b * r, out, positions).transpose(1, 2).reshape(-1, out)
+            if lam is not None:
+                lam = lam.reshape(b, out, positions).transpose(1, 2).reshape(-1, out)
             form = "kfc"
         else:
             out, width = node.ops.out_features, node.ops.in_features
             x = ins[0].reshape(-1, width)
             positions = x.shape[0] // b
-            if bias:
-                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            a = x.T @ x / b
             lf = rows.reshape(-1, out)
-            s = lf.T @ lf / positions
+            if lam is not None:
+                lam = lam.reshape(-1, out)
             form = "kfac"
+        if bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        a = x.T @ x / b
+        s = lf.T @ lf / positions
         pi = torch.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(s) / s.shape[0]).clamp_min(1e-300))
         root = self.damping ** 0.5
-        return KroneckerFactors(a, s, a + (root * pi) * _eye(a.shape[0], a), s + (root / pi) * _eye(s.shape[0], s),
-                                pi, positions, bias, form)
+        f = KroneckerFactors(a, s, a + (root * pi) * _eye(a.shape[0], a), s + (root / pi) * _eye(s.shape[0], s),
+                             pi, positions, bias, form)
+        return f, (None if lam is None else self._from_matrix(f, lam.T @ x))
 
     def _sweep(self, theta, *, costate: bool = False):
         """One forward pass on the metric batch and one backward sweep of the factor rows (with ``costate``, λ rides
@@ -188,9 +193,7 @@ class KFAC(Metric):
         def visit(node, ins, p, at, k):
             i = self._kron.get(node.name)
             if i is not None:
-                found[i] = self._kronecker(node, ins, at[:, :r])
-                if costate:
-                    grads[i] = node.ops.vjp_param(p, ins, at[:, r])
+                found[i], grads[i] = self._kronecker(node, ins, at[:, :r], at[:, r] if costate else None)
                 return
             k = k if k is not None else node.ops.k_rows(p, ins, at)
             k_rows = k[:, :r].reshape(-1, k.shape[-1])
