@@ -50,7 +50,8 @@ class KroneckerFactors:
     """The Kronecker factors of one block (module docstring): ``a`` = Ω (m × m, bias last), ``s`` = Γ
     (C_out × C_out), the damped ``a_damped`` = Ω + γ_A I and ``s_damped`` = Γ + γ_S I, the damping split ``pi``,
     the number of positions |T| (``positions``), whether the layer has a ``bias`` (Ω's last row and column) and
-    the ``form`` ("kfac" or "kfc")."""
+    the ``form`` ("kfac" or "kfc"); ``a_rows`` = Z with Ω = ZᵀZ when Z has fewer rows (B·|T|) than columns m, for the
+    Woodbury solve (Ω + γ_A I)⁻¹ = (I − Zᵀ(γ_A I + ZZᵀ)⁻¹Z)/γ_A, O(B|T|·m·C_out + (B|T|)³) instead of O(m³)."""
 
     a: torch.Tensor
     s: torch.Tensor
@@ -60,6 +61,7 @@ class KroneckerFactors:
     positions: int
     bias: bool
     form: str
+    a_rows: torch.Tensor | None = None
 
 
 def _eye(n, like):
@@ -172,7 +174,7 @@ class KFAC(Metric):
         pi = torch.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(s) / s.shape[0]).clamp_min(1e-300))
         root = self.damping ** 0.5
         f = KroneckerFactors(a, s, a + (root * pi) * _eye(a.shape[0], a), s + (root / pi) * _eye(s.shape[0], s),
-                             pi, positions, bias, form)
+                             pi, positions, bias, form, x / b**0.5 if x.shape[0] < x.shape[1] else None)
         return f, (None if lam is None else self._from_matrix(f, lam.T @ x))
 
     def _sweep(self, theta, *, costate: bool = False):
@@ -234,7 +236,14 @@ class KFAC(Metric):
     # -- Metric interface ---------------------------------------------------------------------------------
     def _solve_kron(self, f: KroneckerFactors, v):
         m = torch.cholesky_solve(self._as_matrix(f, v), torch.linalg.cholesky(f.s_damped))
-        m = torch.cholesky_solve(m.T, torch.linalg.cholesky(f.a_damped)).T
+        if f.a_rows is None:
+            m = torch.cholesky_solve(m.T, torch.linalg.cholesky(f.a_damped)).T
+        else:  # Woodbury through the few rows of Ω = ZᵀZ
+            z, gamma_a = f.a_rows, self.damping ** 0.5 * f.pi
+            inner = z @ z.T
+            inner.diagonal().add_(gamma_a)
+            u = torch.cholesky_solve((m @ z.T).T, torch.linalg.cholesky(inner)).T
+            m = (m - u @ z) / gamma_a
         return self._from_matrix(f, m)
 
     def _solve_exact(self, k, v):
