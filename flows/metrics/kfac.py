@@ -2,27 +2,32 @@
 baseline for the layerwise metric, on any module graph.
 
 The factor rows l_{b,r} of the output metric (M_o = Σ_r l lᵀ per sample, the rows :class:`Layerwise` sweeps; they
-carry the 1/√B of the loss, and with the softmax Fisher they are the exact rows, not samples) are swept backward
+carry the 1/√B of the loss; with the default softmax Fisher they are its C − 1 exact rows per sample, and
+``output="sampled_fisher"`` gives Martens & Grosse's Monte-Carlo Fisher, ``probes`` sampled rows) are swept backward
 over the model's graph (:func:`flows.modules.backward`), summed over consumers, so a Linear or convolution layer
 inside a residual, branching or attention model sees exactly L_o ∂y/∂z at its output z. Write the layer as
 z_{b,p} = W̄ ā_{b,p} with W̄ = [W | b] (C_out × m, the bias a column, ā = (a, 1)) applied at the positions p ∈ T of
 a sample: one position for a Linear layer on (B, in), the tokens of a Linear layer on (B, T, in) (a transformer),
 the |T| output positions of a convolution (ā_{b,p} the unfolded input patch, ``ConvOps.patches``; W reshaped to
-(C_out, C_in·k)). The exact block is Σ_{b,r} (Σ_p l_{b,r,p} ā_{b,p}ᵀ)(Σ_p …)ᵀ; with KFC's approximations
-(independent activations and derivatives, spatial homogeneity, spatially uncorrelated derivatives) it becomes
+(C_out, C_in·k)). Row (b, r) of the exact factor is K_{(b,r)} = vec(Σ_p l_{b,r,p} ā_{b,p}ᵀ) and the exact block
+Σ_{b,r} K_{(b,r)}ᵀK_{(b,r)}; with KFC's approximations (independent activations and derivatives, spatial
+homogeneity, spatially uncorrelated derivatives) it becomes
 
-    G_a ≈ Ω ⊗ Γ,    Ω = (1/B) Σ_b Σ_{p∈T} ā_{b,p} ā_{b,p}ᵀ,    Γ = (1/|T|) Σ_{b,r} Σ_{p∈T} l_{b,r,p} l_{b,r,p}ᵀ
+    G_a ≈ Γ ⊗ Ω,    Ω = (1/B) Σ_b Σ_{p∈T} ā_{b,p} ā_{b,p}ᵀ,    Γ = (1/|T|) Σ_{b,r} Σ_{p∈T} l_{b,r,p} l_{b,r,p}ᵀ
+
+(Γ ⊗ Ω for θ's row-major vec(W̄); Grosse & Martens write Ω ⊗ Γ for the column-major vec)
 
 — Grosse & Martens' convention: the input factor Ω sums over positions, the output factor Γ averages over them
 (with |T| = 1 this is K-FAC for Linear; for tokens it is the "expand" form of Eschenhagen et al. 2023). In terms
-of unnormalised output rows s = √B l: Γ = (1/(B|T|)) Σ_{b,r,p} s sᵀ. θ holds vec(W̄) row-major, so the block is
-Γ ⊗ Ω in θ's order, damped by factored Tikhonov damping (Martens & Grosse 2015, §6.3):
+of unnormalised output rows s = √B l: Γ = (1/(B|T|)) Σ_{b,r,p} s sᵀ. The block is damped by factored Tikhonov
+damping (Martens & Grosse 2015, §6.3), as K-FAC for Linear always was here:
 
     G_a = (Γ + γ_S I) ⊗ (Ω + γ_A I),    γ_A = π √γ,  γ_S = √γ / π,  π = √((tr Ω / dim Ω) / (tr Γ / dim Γ))
 
 (moving the |T| between the factors leaves G_a unchanged: π moves with it), inverted through the two small factors:
-G_a⁻¹ vec(V) = vec((Γ + γ_S I)⁻¹ V (Ω + γ_A I)⁻¹), two Choleskys of C_out³ and m³ per block and θ call; building
-the factors costs O(B·R·|T|·C_out² + B·|T|·m²) from unfold + matmul.
+G_a⁻¹ vec(V) = vec((Γ + γ_S I)⁻¹ V (Ω + γ_A I)⁻¹), two Choleskys of C_out³ and m³ per block and θ call (Ω's by
+Woodbury through its B·|T| rows when those are fewer than m); building the factors costs O(B·R·|T|·C_out² +
+B·|T|·m²) from unfold + one GEMM each. The sweep that delivers the rows costs about R backward passes.
 
 Every other block — a module without a Kronecker form (LayerNorm, Embedding, attention, a parameter read
 directly), a module called more than once, a block spanning modules — is the exact damped block γI + K_aᵀK_a of
