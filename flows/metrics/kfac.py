@@ -52,21 +52,36 @@ FALLBACKS = ("exact", "error")
 
 @dataclass
 class KroneckerFactors:
-    """The Kronecker factors of one block (module docstring): ``a`` = Ω (m × m, bias last), ``s`` = Γ
-    (C_out × C_out), the damped ``a_damped`` = Ω + γ_A I and ``s_damped`` = Γ + γ_S I, the damping split ``pi``,
-    the number of positions |T| (``positions``), whether the layer has a ``bias`` (Ω's last row and column) and
-    the ``form`` ("kfac" or "kfc"); ``a_rows`` = Z with Ω = ZᵀZ when Z has fewer rows (B·|T|) than columns m, for the
-    Woodbury solve (Ω + γ_A I)⁻¹ = (I − Zᵀ(γ_A I + ZZᵀ)⁻¹Z)/γ_A, O(B|T|·m·C_out + (B|T|)³) instead of O(m³)."""
+    """The Kronecker factors of one block (module docstring): ``s`` = Γ (C_out × C_out) and ``s_damped`` = Γ + γ_S I;
+    Ω (m × m, bias last) as ``a`` and ``a_damped`` = Ω + γ_A I; the damping split ``pi`` (γ_A = π√γ in
+    ``gamma_a``), the number of positions |T| (``positions``), whether the layer has a ``bias`` (Ω's last row and
+    column) and the ``form`` ("kfac" or "kfc"). When the B·|T| (sample, position) rows are fewer than m, Ω is kept
+    as its rows ``a_rows`` = Z (Ω = ZᵀZ, formed only on request) and solved by Woodbury,
+    (Ω + γ_A I)⁻¹ = (I − Zᵀ(γ_A I + ZZᵀ)⁻¹Z)/γ_A, O(B|T|·m·C_out + (B|T|)³) instead of O(m³)."""
 
-    a: torch.Tensor
     s: torch.Tensor
-    a_damped: torch.Tensor
     s_damped: torch.Tensor
     pi: torch.Tensor
+    gamma_a: torch.Tensor
     positions: int
     bias: bool
     form: str
+    a_matrix: torch.Tensor | None = None
     a_rows: torch.Tensor | None = None
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.a_matrix if self.a_matrix is not None else self.a_rows.T @ self.a_rows
+
+    @property
+    def a_damped(self) -> torch.Tensor:
+        a = self.a
+        return a + self.gamma_a * _eye(a.shape[0], a)
+
+    @property
+    def inputs(self) -> int:
+        """m: the width of Ω (C_in·k or in_features, plus one for the bias)."""
+        return (self.a_matrix if self.a_matrix is not None else self.a_rows).shape[-1]
 
 
 def _eye(n, like):
@@ -174,12 +189,17 @@ class KFAC(Metric):
             form = "kfac"
         if bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        a = x.T @ x / b
         s = lf.T @ lf / positions
-        pi = torch.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(s) / s.shape[0]).clamp_min(1e-300))
+        m = x.shape[1]
+        if x.shape[0] < m:  # Ω = ZᵀZ by its rows, tr Ω = ‖Z‖²
+            z, a = x / b**0.5, None
+            trace_a = (z * z).sum()
+        else:
+            z, a = None, x.T @ x / b
+            trace_a = torch.trace(a)
+        pi = torch.sqrt((trace_a / m) / (torch.trace(s) / s.shape[0]).clamp_min(1e-300))
         root = self.damping ** 0.5
-        f = KroneckerFactors(a, s, a + (root * pi) * _eye(a.shape[0], a), s + (root / pi) * _eye(s.shape[0], s),
-                             pi, positions, bias, form, x / b**0.5 if x.shape[0] < x.shape[1] else None)
+        f = KroneckerFactors(s, s + (root / pi) * _eye(s.shape[0], s), pi, root * pi, positions, bias, form, a, z)
         return f, (None if lam is None else self._from_matrix(f, lam.T @ x))
 
     def _sweep(self, theta, *, costate: bool = False):
@@ -229,7 +249,7 @@ class KFAC(Metric):
     @staticmethod
     def _as_matrix(f: KroneckerFactors, v):
         """θ's block (W row-major, then b) as W̄ = [W | b] (C_out × m)."""
-        out, m = f.s.shape[0], f.a.shape[0]
+        out, m = f.s.shape[0], f.inputs
         if not f.bias:
             return v.reshape(out, m)
         return torch.cat([v[: out * (m - 1)].reshape(out, m - 1), v[out * (m - 1):, None]], dim=1)
@@ -244,7 +264,7 @@ class KFAC(Metric):
         if f.a_rows is None:
             m = torch.cholesky_solve(m.T, torch.linalg.cholesky(f.a_damped)).T
         else:  # Woodbury through the few rows of Ω = ZᵀZ
-            z, gamma_a = f.a_rows, self.damping ** 0.5 * f.pi
+            z, gamma_a = f.a_rows, f.gamma_a
             inner = z @ z.T
             inner.diagonal().add_(gamma_a)
             u = torch.cholesky_solve((m @ z.T).T, torch.linalg.cholesky(inner)).T
@@ -286,8 +306,8 @@ class KFAC(Metric):
     def _block_matrix(self, f, size):
         if not isinstance(f, KroneckerFactors):
             return f.T @ f + self.damping * _eye(size, f)
-        out, m = f.s.shape[0], f.a.shape[0]
-        idx = torch.arange(out * m, device=f.a.device).reshape(out, m)
+        out, m = f.s.shape[0], f.inputs
+        idx = torch.arange(out * m, device=f.s.device).reshape(out, m)
         order = self._from_matrix(f, idx)  # θ position → position in vec(W̄)
         return torch.kron(f.s_damped, f.a_damped)[order][:, order]
 
