@@ -213,6 +213,10 @@ class DirectFeedbackAlignment(FeedbackAlignment):
                                                           (feedback or {}).get(node.module), gen, problem)
             if len(after) == 1 and isinstance(after[0].ops, ActivationOps):
                 self.activation[node.name] = after[0].ops
+        unused = sorted(set(feedback or {}) - set(self.feedback))
+        if unused:
+            raise ValueError(f"{self.rule}: feedback given for {unused}, whose output is the model's output: that "
+                             "layer sees the true error and takes no feedback")
         self.seed = seed
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:

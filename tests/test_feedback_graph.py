@@ -248,6 +248,10 @@ def test_feedback_rules_refuse_what_they_cannot_sweep_by_name():
         DirectFeedbackAlignment(scaled)
     with pytest.raises(ValueError, match=r"feedback given for \['nope'\]"):
         FeedbackAlignment(scaled, feedback={"nope": torch.zeros(5, 4)})
+    mlp = flows.Problem(nn.Sequential(nn.Linear(4, 5, dtype=F64), nn.Tanh(), nn.Linear(5, 3, dtype=F64)),
+                        "cross_entropy", (x, y))
+    with pytest.raises(ValueError, match=r"feedback given for \['2'\], whose output is the model's output"):
+        DirectFeedbackAlignment(mlp, feedback={"2": torch.zeros(3, 3)})
     # FA sweeps a parameter read directly: with exact feedback it is backprop there too
     fa = FeedbackAlignment(scaled, feedback=_weights(scaled))
     assert _rel(fa.pseudo_gradient(scaled.theta0), scaled.grad(scaled.theta0)) <= 1e-10
