@@ -47,80 +47,120 @@ class GradientFlow:
         return f"GradientFlow({self.problem!r}, {self.metric!r})"
 
 
-def _chain_leaves(problem, rule: str):
-    """The nodes of a plain chain of Linear and elementwise activation modules (what FA and DFA need)."""
-    from flows.modules import ActivationOps, LinearOps, read
+def _feedback_graph(problem, rule: str, feedback: dict | None):
+    """The module graph of the problem's model and its layers that take feedback: every call of a Linear or
+    structured Conv1d/Conv2d module. A module that owns parameters but is neither (LayerNorm, Embedding, attention,
+    a Linear called with keyword arguments) is refused by name; a parameter read directly in ``forward`` is allowed
+    (its update is its pseudo-costate). Feedback given for a module that takes none is refused too."""
+    from flows.modules import ConvOps, LinearOps, read
 
     graph = read(problem.model)
-    found = [n for n in graph.nodes if n.kind not in ("input", "output")]
-    previous = graph.nodes[0].name
-    for node in found:
-        if not isinstance(node.ops, LinearOps | ActivationOps) or node.inputs != [previous]:
-            kinds = sorted({type(n.ops).__name__.removesuffix("Ops") for n in found})
-            raise ValueError(f"{rule} needs a chain of Linear and activation layers; this model has {kinds}")
-        previous = node.name
-    return graph, found
+    layers = []
+    for node in graph.module_nodes:
+        if node.kind == "parameter":
+            continue
+        if not isinstance(node.ops, LinearOps | ConvOps):
+            module = graph.model.get_submodule(node.module)
+            raise ValueError(f"{rule} has feedback for Linear and Conv1d/Conv2d layers (called on one input, zero "
+                             f"padding, one group) only; module {node.module!r} ({type(module).__name__}) owns "
+                             "parameters but is neither")
+        layers.append(node)
+    unknown = sorted(set(feedback or {}) - {node.module for node in layers})
+    if unknown:
+        raise ValueError(f"{rule}: feedback given for {unknown}, which are not layers that take feedback; those are "
+                         f"{sorted({node.module for node in layers})}")
+    return graph, layers
 
 
 def _feedback_matrix(name, shape, fan_in, given, generator, problem):
-    """The given feedback matrix for module ``name``, or U(−1/√fan_in, 1/√fan_in) — the scale torch gives Linear
-    weights, so random feedback matches the forward scale."""
+    """The given feedback tensor for module ``name``, or U(−1/√fan_in, 1/√fan_in) — the bound of torch's own
+    initialisation of Linear and Conv weights (kaiming-uniform with a = √5), so random feedback matches the forward
+    layer's scale."""
+    shape = tuple(shape)
     if given is None:
         draw = torch.rand(shape, generator=generator, dtype=problem.dtype) * 2 - 1
         return (draw / fan_in**0.5).to(problem.device)
     matrix = torch.as_tensor(given, dtype=problem.dtype, device=problem.device)
-    if matrix.shape != shape:
+    if tuple(matrix.shape) != shape:
         raise ValueError(f"feedback for {name!r} must have shape {shape}, got {tuple(matrix.shape)}")
     return matrix
 
 
-class FeedbackAlignment:
-    """Feedback alignment (Lillicrap et al. 2016): backprop with each Linear layer's Wᵀ in the backward pass
-    replaced by a fixed random matrix, θ̇ = −ĝ(θ).
+def _weight_name(node) -> str:
+    """The full θ name of a Linear/Conv node's weight."""
+    return node.param_names[node.ops.local_names.index("weight")]
 
-    The costate is swept backward with λ_{a−1} = F_aᵀλ_a in place of W_aᵀλ_a, through fixed feedback matrices
-    F_a (the shape of W_a, drawn with ``seed`` at torch's Linear scale, or given in ``feedback`` by module name);
-    each layer updates from its own inputs, ĝ_a = λ_a x_{a−1}ᵀ. With F_a = W_a it is exactly backprop. Cost: one
-    forward and one backward sweep.
+
+def _gather(problem, grads: dict, like: torch.Tensor) -> torch.Tensor:
+    """θ-ordered vector from per-parameter pieces (zeros for parameters no update reached)."""
+    params = problem.unflatten(like)
+    return problem.flatten({n: grads[n].reshape(q.shape) if n in grads else torch.zeros_like(q)
+                            for n, q in params.items()})
+
+
+class FeedbackAlignment:
+    """Feedback alignment (Lillicrap et al. 2016) on any module graph: backprop with each layer's transpose
+    Jacobian with respect to its input computed from a fixed random feedback tensor F_a in place of its weight W_a,
+    θ̇ = −ĝ(θ).
+
+    The pseudo-costate is swept backward over the model's graph (:func:`flows.modules.backward`), summed over
+    consumers, with λ_x = F_aᵀλ_a at every Linear layer (λ_a F_a) and convolution (the transposed convolution with
+    kernel F_a) in place of W_aᵀλ_a; activations, additions (residual connections), concatenations and reshapes keep
+    their exact transposes. Each layer updates from its true input and its pseudo-costate, ĝ_a = B_aᵀλ_a (Linear:
+    λ_a x_{a−1}ᵀ; convolution: λ_a against the unfolded input patches); a parameter read directly in ``forward``
+    gets its pseudo-costate. F_a has W_a's shape, drawn with ``seed`` (in graph order) uniformly at the bound of
+    torch's own initialisation of the layer, 1/√fan_in (fan_in = in_features, or C_in·kernel size), or is given
+    in ``feedback`` by module name. With F_a = W_a it is exactly backprop. A module that owns parameters but is not
+    a Linear or convolution layer is refused by name. Cost: one forward and one backward sweep.
     """
 
-    def __init__(self, problem: Problem, seed: int = 0, feedback: dict | None = None):
-        from flows.modules import LinearOps
+    rule = "FeedbackAlignment"
 
+    def __init__(self, problem: Problem, seed: int = 0, feedback: dict | None = None):
         self.problem = problem
-        self.tree, self.leaves = _chain_leaves(problem, "FeedbackAlignment")
+        self.graph, self.layers = _feedback_graph(problem, self.rule, feedback)
         gen = torch.Generator().manual_seed(seed)
+        weights = problem.unflatten(problem.theta0)
         self.feedback = {}
-        for leaf in self.leaves:
-            if isinstance(leaf.ops, LinearOps):
-                self.feedback[leaf.module] = _feedback_matrix(
-                    leaf.module, (leaf.ops.out_features, leaf.ops.in_features), leaf.ops.in_features,
-                    (feedback or {}).get(leaf.module), gen, problem)
+        for node in self.layers:
+            if node.module in self.feedback:  # a module called twice feeds back through one tensor
+                continue
+            shape = weights[_weight_name(node)].shape
+            self.feedback[node.module] = _feedback_matrix(node.module, shape, shape[1:].numel(),
+                                                          (feedback or {}).get(node.module), gen, problem)
         self.seed = seed
 
     def _forward_and_error(self, theta):
-        """Parameters, the forward trace and the output error ∂L/∂y (B, C) at one θ."""
+        """Parameters, the forward trace and the output error ∂L/∂y at one θ."""
         params = self.problem.unflatten(theta)
-        trace = self.tree.forward(params, self.problem.inputs)
+        trace = self.graph.forward(params, self.problem.inputs)
         error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(trace.output)
-        return params, trace, error.reshape(error.shape[0], -1)
+        return params, trace, error
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
         """ĝ(θ): the update direction's negative (equal to ∇L when the feedback equals the weights)."""
         from flows.metrics._base import batched
-        from flows.modules import LinearOps
+        from flows.modules import Trace, backward, node_gradient
 
         def one(th):
-            params, trace, lam = self._forward_and_error(th)
-            grads = []
-            for leaf in reversed(self.leaves):
-                x, p = trace.values[leaf.inputs[0]], leaf.local(params)
-                if isinstance(leaf.ops, LinearOps):
-                    grads.append(leaf.ops.vjp_param(p, [x], lam))
-                    lam = lam @ self.feedback[leaf.module]
-                else:
-                    lam = leaf.ops.pull(p, [x], lam[:, None], [True])[0][0][:, 0]
-            return torch.cat(grads[::-1])
+            params, trace, error = self._forward_and_error(th)
+            swapped = dict(params)
+            for node in self.layers:  # the backward sweep reads each layer's weight from here: F_a, not W_a
+                swapped[_weight_name(node)] = self.feedback[node.module]
+            grads: dict = {}
+
+            def visit(node, ins, p, rows, k):
+                # Linear/Conv parameter products read only the weight's shape, never its values
+                flat = node_gradient(node, ins, p, rows, k)
+                offset = 0
+                for name in node.param_names:
+                    size = params[name].numel()
+                    piece = flat[offset:offset + size]
+                    grads[name] = piece if name not in grads else grads[name] + piece
+                    offset += size
+
+            backward(self.graph, Trace(self.graph, swapped, trace.values), error[:, None], visit)
+            return _gather(self.problem, grads, th)
 
         return batched(one, theta)
 
@@ -128,57 +168,88 @@ class FeedbackAlignment:
         return -self.pseudo_gradient(theta)
 
     def describe(self) -> dict:
-        return {"name": "FeedbackAlignment", "seed": self.seed}
+        return {"name": self.rule, "seed": self.seed, "layers": sorted(self.feedback)}
 
 
 class DirectFeedbackAlignment(FeedbackAlignment):
-    """Direct feedback alignment (Nøkland 2016): the output error e = ∂L/∂y reaches every hidden Linear layer a
-    through its own fixed random matrix D_a (C × width_a): δ_a = (e D_a) ⊙ σ'(z_a), ĝ_a = δ_a x_{a−1}ᵀ.
+    """Direct feedback alignment (Nøkland 2016) on any module graph: the output error e = ∂L/∂y (B, C) reaches the
+    output z_a of every layer a (Linear or convolution) through its own fixed random matrix D_a (C × |z_a|, the
+    layer's output per sample flattened):
 
-    For a network with one hidden layer, D = W_out reproduces backprop exactly.
+        δ_a = (e D_a) ⊙ σ'(z_a)   if the layer's only consumer is an elementwise activation σ,
+        δ_a = e D_a               otherwise (its output enters a residual sum, a reshape, a pooling, …),
+        δ_a = e                   for a layer whose output is the model's output,
+
+    and the layer updates from its true input, ĝ_a = B_aᵀδ_a. D_a is drawn with ``seed`` (in graph order) from
+    U(−1/√C, 1/√C) or given in ``feedback`` by module name. For a network with one hidden layer, D = W_out
+    reproduces backprop exactly. A parameter read directly and a module called more than once are refused (no one
+    layer output to project to), as are modules that own parameters but are neither Linear nor convolutions.
     """
 
+    rule = "DirectFeedbackAlignment"
+
     def __init__(self, problem: Problem, seed: int = 0, feedback: dict | None = None):
-        from flows.modules import ActivationOps, LinearOps
+        from flows.modules import ActivationOps
 
         self.problem = problem
-        self.tree, self.leaves = _chain_leaves(problem, "DirectFeedbackAlignment")
-        linear = [leaf for leaf in self.leaves if isinstance(leaf.ops, LinearOps)]
-        outputs = linear[-1].ops.out_features
+        self.graph, self.layers = _feedback_graph(problem, self.rule, feedback)
+        for node in self.graph.module_nodes:
+            if node.kind == "parameter":
+                raise ValueError(f"{self.rule} projects the error to each layer's output; parameter "
+                                 f"{node.param_names[0]!r} is read directly in forward and has no layer output")
+        calls = [node.module for node in self.layers]
+        twice = sorted({m for m in calls if calls.count(m) > 1})
+        if twice:
+            raise ValueError(f"{self.rule} projects the error to each layer's output; module(s) {twice} are called "
+                             "more than once")
+        trace = self.graph.forward(problem.unflatten(problem.theta0), problem.inputs)
+        outputs = trace.output[0].numel()
+        consumers: dict = {}
+        for node in self.graph.nodes:
+            for i in node.inputs:
+                consumers.setdefault(i, []).append(node)
         gen = torch.Generator().manual_seed(seed)
-        self.feedback = {}
-        for leaf in linear[:-1]:
-            after = self.leaves[self.leaves.index(leaf) + 1]
-            if not isinstance(after.ops, ActivationOps):
-                raise ValueError(f"DirectFeedbackAlignment needs an activation after hidden layer {leaf.module!r}")
-            self.feedback[leaf.module] = _feedback_matrix(leaf.module, (outputs, leaf.ops.out_features), outputs,
-                                                          (feedback or {}).get(leaf.module), gen, problem)
+        self.feedback, self.activation = {}, {}
+        for node in self.layers:
+            after = consumers.get(node.name, [])
+            if any(c.kind == "output" for c in after):
+                continue  # the output layer sees the true error
+            width = trace.values[node.name][0].numel()
+            self.feedback[node.module] = _feedback_matrix(node.module, (outputs, width), outputs,
+                                                          (feedback or {}).get(node.module), gen, problem)
+            if len(after) == 1 and isinstance(after[0].ops, ActivationOps):
+                self.activation[node.name] = after[0].ops
+        unused = sorted(set(feedback or {}) - set(self.feedback))
+        if unused:
+            raise ValueError(f"{self.rule}: feedback given for {unused}, whose output is the model's output: that "
+                             "layer sees the true error and takes no feedback")
         self.seed = seed
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:
         from flows.metrics._base import batched
-        from flows.modules import LinearOps
 
         def one(th):
             params, trace, error = self._forward_and_error(th)
-            grads = []
-            for i, leaf in enumerate(self.leaves):
-                if not isinstance(leaf.ops, LinearOps):
-                    continue
-                x, p = trace.values[leaf.inputs[0]], leaf.local(params)
-                if leaf.module in self.feedback:
-                    activation = self.leaves[i + 1]
-                    z = trace.values[activation.inputs[0]]  # the activation's input is this layer's output
-                    delta = (error @ self.feedback[leaf.module]) * activation.ops.derivative(z)
+            flat_error = error.reshape(error.shape[0], -1)
+            grads: dict = {}
+            for node in self.layers:
+                ins, p = trace.inputs_of(node), node.local(params)
+                if node.module in self.feedback:
+                    z = trace.values[node.name]
+                    delta = (flat_error @ self.feedback[node.module]).reshape(z.shape)
+                    if node.name in self.activation:
+                        delta = delta * self.activation[node.name].derivative(z)
                 else:
                     delta = error
-                grads.append(leaf.ops.vjp_param(p, [x], delta))
-            return torch.cat(grads)
+                flat = node.ops.vjp_param(p, ins, delta)
+                offset = 0
+                for name in node.param_names:
+                    size = params[name].numel()
+                    grads[name] = flat[offset:offset + size]
+                    offset += size
+            return _gather(self.problem, grads, th)
 
         return batched(one, theta)
-
-    def describe(self) -> dict:
-        return {"name": "DirectFeedbackAlignment", "seed": self.seed}
 
 
 class LinearSystem:

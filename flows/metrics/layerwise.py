@@ -178,7 +178,9 @@ class Layerwise(Metric):
         self._block_params = [names for _, _, names in resolved]
 
     # -- the sweep ---------------------------------------------------------------------------------------
-    def _rows(self, outputs):
+    def output_factor(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The output metric's factor rows at the network outputs, shaped (B, R, *y_b.shape): the rows the sweep
+        starts from (softmax Fisher: B(C − 1) rows after the null row is reflected away)."""
         rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
                            seed=self.seed)
         if self.output == "fisher" and outputs.ndim == 2 and rows.shape[1] > 1:
@@ -192,7 +194,7 @@ class Layerwise(Metric):
         params = self.problem.unflatten(theta)
         trace = self.graph.forward(params, self.inputs)
         y = trace.output
-        rows = self._rows(y)
+        rows = self.output_factor(y)
         r = rows.shape[1]
         if costate:
             lam = torch.func.grad(lambda out: self.problem.loss_fn(out, self.targets))(y)
@@ -256,7 +258,7 @@ class Layerwise(Metric):
 
     def _rows_count(self) -> int:
         y = self.problem.outputs(self.problem.theta0, self.inputs)
-        return int(self._rows(y).shape[0] * self._rows(y).shape[1])
+        return int(self.output_factor(y).shape[0] * self.output_factor(y).shape[1])
 
     def sweep(self, theta: torch.Tensor, visit, *, costate: bool = False):
         """Compatibility sweep for peers: ``visit(name, slice, ops, x, p, rows, lam)`` at every module node that is a
