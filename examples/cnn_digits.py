@@ -30,10 +30,11 @@ from flows.metrics import KFAC, Euclidean, Layerwise, NaturalGradient
 
 
 def run(quick: bool = False, progress: bool = True):
-    n, t_end, batch, mu = (128, 2.0, 16, 1e-2) if quick else (512, 40.0, 64, 1e-2)
+    # quick: 4 channels, 64 digits, a short run (a smoke run for the tests)
+    n, channels, t_end, batch, mu = (64, 4, 1.0, 8, 1e-2) if quick else (512, 16, 40.0, 64, 1e-2)
     x, y = flows.data.digits(n, split="train", images=True)
     test = flows.data.digits(n // 2, split="test", images=True)
-    problem = flows.Problem(flows.data.cnn(16, seed=0), "cross_entropy", (x, y), eval_data={"test": test})
+    problem = flows.Problem(flows.data.cnn(channels, seed=0), "cross_entropy", (x, y), eval_data={"test": test})
     layerwise = Layerwise(problem, mu=mu, metric_batch=batch)
     rules = {
         "Euclidean": flows.rules.GradientFlow(problem, Euclidean()),
@@ -63,7 +64,7 @@ def _wall_clock(runs):
     time, the solver's cost per evaluation being nearly constant for one rule)."""
     out = {}
     for label, traj in runs.items():
-        nfe = traj.stats["nfe_at_output"].to(torch.float64)
+        nfe = torch.as_tensor(traj.stats["nfe_at_output"], dtype=torch.float64)
         wall = nfe / max(float(nfe[-1]), 1.0) * traj.stats["wall_time"]
         out[label] = flows.Trajectory(wall, traj.theta, loss=traj.loss, metrics=dict(traj.metrics))
     return out
