@@ -353,3 +353,20 @@ def test_every_additive_method_follows_the_mean_flow(method):
     final = traj.theta[-1]
     assert ((final.mean(0) - exact).abs() <= 5 * final.std(0) / math.sqrt(paths) + (euler - exact).abs()).all()
     assert traj.metadata["sde_type"] == ("ito" if method in ("euler", "milstein", "srk") else "stratonovich")
+
+
+def test_sde_records_held_out_loss_and_accuracy_equal_to_direct_forward_passes():
+    x, y = flows.data.digits(40, split="train")
+    xt, yt = flows.data.digits(20, split="test")
+    problem = flows.Problem(flows.data.mlp([64, 5, 10], seed=0), "cross_entropy", (x, y), eval_data={"test": (xt, yt)})
+    t = torch.linspace(0.0, 0.6, 4, dtype=torch.float64)
+    traj = flows.simulate_sde(problem, problem.theta0, t, lr=0.2, batch_size=8, paths=3, seed=2, progress=False)
+    assert traj.metrics["test_loss"].shape == (4, 3) and traj.metrics["test_accuracy"].shape == (4, 3)
+    model = problem.model
+    for i in range(4):
+        for p in range(3):
+            torch.nn.utils.vector_to_parameters(traj.theta[i, p], model.parameters())
+            with torch.no_grad():
+                out = model(xt)
+            assert abs(float(traj.metrics["test_loss"][i, p]) - float(nn.functional.cross_entropy(out, yt))) <= 1e-12
+            assert float(traj.metrics["test_accuracy"][i, p]) == float((out.argmax(1) == yt).double().mean())
