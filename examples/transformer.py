@@ -49,7 +49,7 @@ def run(quick: bool = False, progress: bool = True):
                             eval_data={"test": test})
     rules = {
         "Euclidean": flows.rules.GradientFlow(problem, Euclidean()),
-        "Layerwise (μ = 0.1)": flows.rules.GradientFlow(problem, Layerwise(problem, mu=0.1, metric_batch=batch)),
+        "Layerwise (μ = 1)": flows.rules.GradientFlow(problem, Layerwise(problem, mu=1.0, metric_batch=batch)),
     }
     t = torch.linspace(0.0, t_end, outputs, dtype=torch.float64)
     runs, reports = {}, {}
@@ -69,7 +69,7 @@ def run(quick: bool = False, progress: bool = True):
               f"test accuracy {float(traj.metrics['test_accuracy'][-1]):.3f}  nfe {traj.stats['nfe']}  "
               f"max μ {row['max_mu']:.3g}  ∫μ dt {row['integral_mu']:.3g}  λ₁ "
               f"{row['lyapunov'][0] if row['lyapunov'] else float('nan'):.3g}", flush=True)
-    blocks = rules["Layerwise (μ = 0.1)"].metric.describe()["blocks"]
+    blocks = rules["Layerwise (μ = 1)"].metric.describe()["blocks"]
     print(f"layerwise blocks ({len(blocks)}): {', '.join(blocks)}")
     return runs, reports
 
