@@ -1,4 +1,5 @@
-"""Small dense linear-algebra kernels shared by the modules and the metrics."""
+"""Numerical kernels shared by the problem, the modules and the metrics: Gram matrices from their lower panels and
+the context in which attention is differentiable to any order."""
 
 from __future__ import annotations
 
