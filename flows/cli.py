@@ -205,6 +205,9 @@ def _run_simulate(args) -> int:
                                       paths=args.paths, metric=metric, seed=args.seed, progress=progress)
             label = f"sde (η={args.lr:g}, b={args.batch_size}, P={args.paths})"
         else:
+            if args.rule != "ngd" and args.metric != "euclidean":
+                raise ValueError(f"--metric {args.metric} has no effect on --rule {args.rule}; use --rule ngd for "
+                                 "natural-gradient descent under a metric (or --rule flow / sde)")
             batch = None if args.rule == "gd" else args.batch_size
             update = {"gd": flows.discrete.GD, "sgd": flows.discrete.GD, "momentum": flows.discrete.Momentum,
                       "adam": flows.discrete.Adam}.get(args.rule)

@@ -160,6 +160,7 @@ def test_simulate_command_runs_discrete_sgd_and_the_sde_ensemble(tmp_path):
     (["--rule", "adam", "--lr", "0"], "--lr must be > 0 for --rule other than flow, got 0.0"),
     (["--rule", "sgd", "--lr", "0.1", "--batch-size", "0"], "batch_size"),
     (["--rule", "sde", "--lr", "0.1", "--paths", "0"], "paths must be at least 1, got 0"),
+    (["--rule", "sgd", "--lr", "0.1", "--metric", "layerwise"], "--metric layerwise has no effect on --rule sgd"),
 ])
 def test_simulate_command_names_bad_training_flags(tmp_path, capsys, flags, message):
     try:
