@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from flows.discrete import GD, SGD, Adam, Gradient, Momentum, NaturalGradientDescent, minibatches
 from flows.errors import FlowDivergedError
 from flows.simulate import record_measurements
-from flows.trajectory import Trajectory
+from flows.trajectory import Trajectory, describe, versions
 
 # the updates, importable from here too (``from flows.iterate import GD``); their home is flows.discrete
 __all__ = ["iterate", "GD", "SGD", "Momentum", "Adam", "NaturalGradientDescent"]
@@ -149,31 +149,15 @@ def iterate(
     return traj
 
 
-def _describe(obj):
-    describe = getattr(obj, "describe", None)
-    return describe() if callable(describe) else repr(obj)
-
-
-def _versions() -> dict:
-    import sys
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("riemannian-flows", "torch", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
 
 
 def _metadata(update, problem, lr, batch_size, seed, steps, record_every) -> dict:
-    meta = {"dynamics": "discrete", "rule": _describe(update), "lr": lr, "batch_size": batch_size,
+    meta = {"dynamics": "discrete", "rule": describe(update), "lr": lr, "batch_size": batch_size,
             "seed": int(seed), "steps": steps, "record_every": record_every, "problem": repr(problem),
-            "versions": _versions()}
+            "versions": versions()}
     metric = getattr(update, "metric", None)
     if metric is not None:
-        meta["metric"] = _describe(metric)
+        meta["metric"] = describe(metric)
     return meta
 
 

@@ -39,7 +39,7 @@ from flows.metrics import Euclidean, Metric
 from flows.problem import Problem
 from flows.rules import GradientFlow
 from flows.simulate import record_measurements
-from flows.trajectory import Trajectory
+from flows.trajectory import Trajectory, describe, versions
 
 #: torchsde methods by the SDE's noise type. With state-dependent ("general") noise Itô and Stratonovich differ and
 #: torchsde's only Itô method for general noise is Euler–Maruyama; with additive noise the two calculi coincide, so
@@ -581,30 +581,15 @@ def _solve_with_event(solve, theta0, t, event):
     return torch.stack(times), torch.stack(states), False
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("riemannian-flows", "torch", "torchsde", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
-
-
-def _describe(obj):
-    describe = getattr(obj, "describe", None)
-    return describe() if callable(describe) else repr(obj)
 
 
 def _metadata(field, drift, problem, noise, metric, lr, batch_size, paths, seed, solver, sde_type, noise_type,
               event, bm) -> dict:
     return {
         "dynamics": "sde",
-        "rule": _describe(drift),
-        "noise": _describe(noise),
-        "metric": _describe(metric if metric is not None else Euclidean()),
+        "rule": describe(drift),
+        "noise": describe(noise),
+        "metric": describe(metric if metric is not None else Euclidean()),
         "lr": lr,
         "batch_size": batch_size,
         "paths": paths,
@@ -615,7 +600,7 @@ def _metadata(field, drift, problem, noise, metric, lr, batch_size, paths, seed,
         "noise_type": noise_type,
         "problem": repr(problem),
         **({"event": event.describe() if hasattr(event, "describe") else repr(event)} if event is not None else {}),
-        "versions": _versions(),
+        "versions": versions("torchsde"),
     }
 
 

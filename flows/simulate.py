@@ -10,7 +10,6 @@ flow diverges.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from flows.action import ACTION_TERMS, AugmentedField
 from flows.errors import FlowDivergedError
 from flows.events import as_event
-from flows.trajectory import Trajectory
+from flows.trajectory import Trajectory, describe, versions
 
 try:  # the solver table of the installed torchdiffeq release, to list valid methods in errors
     from torchdiffeq._impl.odeint import SOLVERS as _SOLVERS
@@ -183,21 +182,6 @@ def _check_inputs(theta0, t, method, rtol, atol, problem, field=None):
     return theta0, t, rtol, atol
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("riemannian-flows", "torch", "torchdiffeq", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
-
-
-def _describe(obj):
-    describe = getattr(obj, "describe", None)
-    return describe() if callable(describe) else repr(obj)
 
 
 def simulate(
@@ -325,7 +309,7 @@ def simulate(
     traj = Trajectory(times.detach(), states[..., :n].detach(), stats=stats, metadata=metadata)
     if action is not None:
         traj.action = states[..., n:].detach()
-        metadata["action_metric"] = _describe(action)
+        metadata["action_metric"] = describe(action)
     traj.field, traj.problem = field, problem
     if record and problem is not None:
         record_measurements(traj, problem, traj.theta if observe is None else observe(traj.theta))
@@ -415,14 +399,14 @@ def _stats(monitored: _MonitoredField, wall: float, callbacks: set[str]) -> dict
 def _metadata(field, problem, solver, event) -> dict:
     meta = {
         "dynamics": "flow",
-        "rule": _describe(field),
-        "solver": {k: (v if k != "options" else {kk: _describe(vv) if callable(vv) else vv
+        "rule": describe(field),
+        "solver": {k: (v if k != "options" else {kk: describe(vv) if callable(vv) else vv
                                                   for kk, vv in v.items()}) for k, v in solver.items()},
-        "versions": _versions(),
+        "versions": versions("torchdiffeq"),
     }
     metric = getattr(field, "metric", None)
     if metric is not None:
-        meta["metric"] = _describe(metric)
+        meta["metric"] = describe(metric)
     if problem is not None:
         meta["problem"] = repr(problem)
     if event is not None:

@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flows.trajectory import versions
 
 RULES = ("flow", "feedback_alignment")
 METRICS = ("euclidean", "layerwise", "natural", "kfac")
@@ -240,17 +241,6 @@ def build(spec: RunSpec):
     return problem, flows.rules.GradientFlow(problem, metric)
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("riemannian-flows", "torch", "torchdiffeq", "dask", "distributed"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
-
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
@@ -273,7 +263,7 @@ def execute(spec: RunSpec, *, threads: int = 1):
 
     row = {"run_id": spec.run_id, **{k: (json.dumps(v) if isinstance(v, list) else v)
                                      for k, v in spec.to_dict().items()}}
-    row.update(status="ok", error="", versions=json.dumps(_versions()))
+    row.update(status="ok", error="", versions=json.dumps(versions("torchdiffeq", "dask", "distributed")))
     start = time.perf_counter()
     traj = None
     with _torch_threads(threads):

@@ -127,3 +127,25 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return repr(obj)
+
+
+def describe(obj):
+    """What a trajectory's metadata records for a rule, metric or update: ``obj.describe()`` when it has one (a
+    JSON-serialisable dict), else ``repr(obj)``."""
+    method = getattr(obj, "describe", None)
+    return method() if callable(method) else repr(obj)
+
+
+def versions(*packages: str) -> dict:
+    """Python's version and those of riemannian-flows, torch, numpy and ``packages`` (``"unknown"`` where a
+    distribution is not installed), for a trajectory's or a results table's metadata."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("riemannian-flows", "torch", "numpy", *packages):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
