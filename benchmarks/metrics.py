@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import setup, time_each, write_results  # noqa: E402
@@ -46,7 +45,6 @@ import flows  # noqa: E402
 from flows.metrics import KFAC, BlockDiagonal, Layerwise, NaturalGradient  # noqa: E402
 
 MU = 1e-2
-F64 = torch.float64
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -59,48 +57,18 @@ def mlp_problem(sizes, batch):
     return flows.Problem(flows.data.mlp(sizes), "cross_entropy", (x[:batch], y[:batch]))
 
 
-def cnn(channels: int = 16) -> nn.Module:
-    """conv 1→c (3×3, pad 1) → tanh → conv c→c (3×3, pad 1, stride 2) → tanh → Linear(16c → 10) on 1×8×8."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, dtype=F64), nn.Tanh(),
-                         nn.Conv2d(channels, channels, 3, padding=1, stride=2, dtype=F64), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(channels * 16, 10, dtype=F64))
-
-
 def cnn_problem(batch, channels=16):
+    """``flows.data.cnn``: conv 1→c (3×3, pad 1) → tanh → conv c→c (3×3, pad 1, stride 2) → tanh → Linear(16c → 10)."""
     x, y = flows.data.digits(images=True)
-    return flows.Problem(cnn(channels), "cross_entropy", (x[:batch], y[:batch]))
-
-
-class Transformer(nn.Module):
-    """One pre-norm transformer block on token sequences, mean-pooled into class logits."""
-
-    def __init__(self, vocab=16, length=8, width=16, heads=2, hidden=32, classes=10):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width, dtype=F64)
-        self.position = nn.Parameter(0.1 * torch.randn(length, width, dtype=F64))
-        self.norm1 = nn.LayerNorm(width, dtype=F64)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, dtype=F64)
-        self.norm2 = nn.LayerNorm(width, dtype=F64)
-        self.up = nn.Linear(width, hidden, dtype=F64)
-        self.down = nn.Linear(hidden, width, dtype=F64)
-        self.head = nn.Linear(width, classes, dtype=F64)
-
-    def forward(self, tokens):
-        h = self.embed(tokens) + self.position
-        a = self.norm1(h)
-        h = h + self.attn(a, a, a, need_weights=False)[0]
-        h = h + self.down(torch.tanh(self.up(self.norm2(h))))
-        return self.head(h.mean(dim=1))
+    return flows.Problem(flows.data.cnn(channels, seed=0), "cross_entropy", (x[:batch], y[:batch]))
 
 
 def transformer_problem(batch, length=8, vocab=16):
-    """The task: the sum of the tokens modulo 10 (every token matters, order does not)."""
-    torch.manual_seed(0)
-    model = Transformer(vocab=vocab, length=length)
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab, (batch, length), generator=g)
-    return flows.Problem(model, "cross_entropy", (tokens, tokens.sum(1) % 10))
+    """``flows.data.Transformer`` on ``flows.data.token_sum``: the sum of the tokens modulo 10 (every token matters,
+    order does not)."""
+    tokens, labels = flows.data.token_sum(batch, length=length, vocab=vocab, seed=1)
+    return flows.Problem(flows.data.Transformer(vocab=vocab, length=length, seed=0), "cross_entropy",
+                         (tokens, labels))
 
 
 # --------------------------------------------------------------------------------------------------------
