@@ -48,3 +48,20 @@ def mse_loss(y, t):
 
 def ce_loss(y, t):
     return torch.nn.functional.cross_entropy(y, t)
+
+
+def squared_diagonal_metric():
+    """G(θ) = diag(1 + θ²): a cheap, smooth metric that moves with θ."""
+    from flows.metrics import Metric
+
+    class SquaredDiagonal(Metric):
+        def solve(self, theta, v):
+            return v / (1 + theta**2)
+
+        def apply(self, theta, v):
+            return v * (1 + theta**2)
+
+        def matrix(self, theta):
+            return torch.diag(1 + theta**2)
+
+    return SquaredDiagonal()

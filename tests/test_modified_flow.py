@@ -7,8 +7,9 @@ import torch
 
 import flows
 from flows.discrete import GD, NaturalGradientDescent
-from flows.metrics import Constant, Metric
+from flows.metrics import Constant
 from flows.rules import GradientFlow, ModifiedGradientFlow
+from tests.conftest import squared_diagonal_metric
 
 
 def small_problem(seed=0):
@@ -24,18 +25,6 @@ def spd(n, seed=1):
     a = torch.randn(n, n, generator=gen, dtype=torch.float64)
     return a @ a.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
 
-
-class Moving(Metric):
-    """G(θ) = diag(1 + θ²): a metric that moves with θ (for the forward-mode path)."""
-
-    def solve(self, theta, v):
-        return v / (1 + theta**2)
-
-    def apply(self, theta, v):
-        return v * (1 + theta**2)
-
-    def matrix(self, theta):
-        return torch.diag(1 + theta**2)
 
 
 def test_the_field_is_minus_grad_of_the_regularised_loss():
@@ -78,9 +67,10 @@ def test_a_moving_metric_adds_the_derivative_of_the_direction():
     F = direction(theta)
     J = torch.func.jacrev(direction)(theta)
     expected = -(F + 0.5 * lr * J @ F)
-    assert torch.allclose(ModifiedGradientFlow(problem, lr, Moving(), moving=True)(0.0, theta), expected,
+    metric = squared_diagonal_metric()
+    assert torch.allclose(ModifiedGradientFlow(problem, lr, metric, moving=True)(0.0, theta), expected,
                           rtol=1e-10, atol=1e-13)
-    frozen = ModifiedGradientFlow(problem, lr, Moving())(0.0, theta)
+    frozen = ModifiedGradientFlow(problem, lr, metric)(0.0, theta)
     H = torch.func.hessian(problem.loss)(theta)
     assert torch.allclose(frozen, -(F + 0.5 * lr * (H @ F) / (1 + theta**2)), rtol=1e-10, atol=1e-13)
 

@@ -8,7 +8,7 @@ import torch
 import flows
 from flows.contraction import analyze, divergence, lyapunov, rate, report
 from flows.metrics import Metric
-from tests.conftest import tanh_mlp
+from tests.conftest import squared_diagonal_metric, tanh_mlp
 
 
 class ExpDiagonal(Metric):
@@ -62,24 +62,12 @@ def test_moving_and_frozen_rates_agree_at_an_equilibrium():
     assert moving.mu == pytest.approx(_closed_form(centres, centres, True), abs=1e-12)
 
 
-class SquaredDiagonal(Metric):
-    """G(θ) = diag(1 + θ²): cheap, smooth, and moving."""
-
-    def solve(self, theta, v):
-        return v / (1 + theta**2)
-
-    def apply(self, theta, v):
-        return v * (1 + theta**2)
-
-    def matrix(self, theta):
-        return torch.diag(1 + theta**2)
-
 
 def test_matrix_free_and_dense_moving_rates_agree_at_two_thousand_parameters():
     x, y = flows.data.digits(20)
     problem = flows.Problem(tanh_mlp([64, 30, 2]), "cross_entropy", (x, y % 2))
     assert 2000 <= problem.num_params <= 2100
-    field = flows.rules.GradientFlow(problem, SquaredDiagonal())
+    field = flows.rules.GradientFlow(problem, squared_diagonal_metric())
     dense = rate(field, problem.theta0, field.metric, method="dense", eigenvalues=False)
     lanczos = rate(field, problem.theta0, field.metric, method="lanczos", eigenvalues=False, tol=1e-12)
     assert lanczos.mu == pytest.approx(dense.mu, rel=1e-8, abs=1e-10)
