@@ -32,6 +32,21 @@ def gram(k: torch.Tensor) -> torch.Tensor:
 
 
 
+class AttentionProbe(torch.overrides.TorchFunctionMode):
+    """Records whether the code run inside it calls an attention kernel (scaled-dot-product attention, or the fused
+    multi-head path ``nn.MultiheadAttention`` takes without gradients): a model that does not never needs
+    :func:`differentiable_attention`, and its evaluations skip the context (≈ 11 µs per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if "attention" in getattr(func, "__name__", ""):
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
 def differentiable_attention():
     """A context in which scaled-dot-product attention runs its composite ("math") kernel.
 
