@@ -419,7 +419,10 @@ def run(grid: Grid | Iterable[RunSpec], *, out: str | os.PathLike, client=None, 
         with _client(client, scheduler, workers) as dask:
             from distributed import as_completed
 
-            futures = [dask.submit(run_task, spec.to_dict(), str(out), key=f"flows-run-{spec.run_id}",
+            # the key names the run *and* the folder: Dask hands back a finished task's result for a key it still
+            # holds without running it again, and a run must write its file into this sweep's folder
+            folder = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
+            futures = [dask.submit(run_task, spec.to_dict(), str(out), key=f"flows-run-{spec.run_id}-{folder}",
                                    retries=retries) for spec in todo]
             bar = tqdm(total=len(todo), disable=None if progress else True, desc="sweep", unit="run")
             try:
