@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from flows.metrics import Euclidean, Metric
-from flows.problem import Problem
+from flows.problem import Problem, output_gradient
 
 
 class GradientFlow:
@@ -134,7 +134,7 @@ class FeedbackAlignment:
         """Parameters, the forward trace and the output error ∂L/∂y at one θ."""
         params = self.problem.unflatten(theta)
         trace = self.graph.forward(params, self.problem.inputs)
-        error = torch.func.grad(lambda out: self.problem.loss_fn(out, self.problem.targets))(trace.output)
+        error = output_gradient(self.problem.loss_fn, trace.output, self.problem.targets)
         return params, trace, error
 
     def pseudo_gradient(self, theta: torch.Tensor) -> torch.Tensor:

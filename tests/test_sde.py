@@ -13,7 +13,7 @@ from torch import nn
 
 import flows
 from flows.metrics import Constant
-from flows.sde import ConstantNoise, MinibatchNoise, methods
+from flows.sde import ConstantNoise, MinibatchNoise, SequentialBrownian, methods
 
 H = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
 SIGMA = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
@@ -370,3 +370,57 @@ def test_sde_records_held_out_loss_and_accuracy_equal_to_direct_forward_passes()
                 out = model(xt)
             assert abs(float(traj.metrics["test_loss"][i, p]) - float(nn.functional.cross_entropy(out, yt))) <= 1e-12
             assert float(traj.metrics["test_accuracy"][i, p]) == float((out.argmax(1) == yt).double().mean())
+
+
+def test_sequential_brownian_increments_are_independent_gaussians_with_the_step_variance():
+    """z_k = ΔW_k/√h_k over uneven consecutive steps: mean 0, variance 1, no correlation between steps. With
+    n = P·m·K = 64 000 standard normals the sample mean has sd 1/√n ≈ 0.004 and the sample variance sd √(2/n) ≈
+    0.0056; the lag-one correlation sd 1/√(n(K−1)/K) ≈ 0.0045 — bounds at 5 sd."""
+    steps = torch.tensor([0.0, 0.1, 0.35, 0.4, 1.0, 1.05, 1.7, 2.2, 2.25, 3.0, 3.5], dtype=torch.float64)
+    paths, channels = 40, 160
+    bm = SequentialBrownian(steps[0], steps[-1], (paths, channels), seed=3)
+    z = torch.stack([bm(a, b) / math.sqrt(float(b - a)) for a, b in zip(steps[:-1], steps[1:])])
+    n = z.numel()
+    assert z.shape == (len(steps) - 1, paths, channels) and z.dtype == torch.float64
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    lag = float((z[1:] * z[:-1]).mean())
+    assert abs(lag) < 5 / math.sqrt(z[1:].numel())
+    # the same seed and steps give the same path; another seed another one
+    again = SequentialBrownian(steps[0], steps[-1], (paths, channels), seed=3)
+    other = SequentialBrownian(steps[0], steps[-1], (paths, channels), seed=4)
+    first = [again(a, b) for a, b in zip(steps[:-1], steps[1:])]
+    torch.testing.assert_close(torch.stack(first) / torch.sqrt(steps[1:] - steps[:-1])[:, None, None], z,
+                               rtol=0, atol=1e-15)
+    assert not torch.allclose(other(steps[0], steps[1]), first[0])
+    assert bm._flows_count == len(steps) - 1
+
+
+def test_sequential_brownian_refuses_queries_that_are_not_the_next_increment():
+    bm = SequentialBrownian(0.0, 1.0, (2, 3), seed=0)
+    bm(0.0, 0.25)
+    for bad in [(0.0, 0.5), (0.3, 0.5), (0.25, 0.25), (0.25, 1.5)]:  # a re-query, a gap, an empty step, past t1
+        with pytest.raises(ValueError, match="consecutive increments"):
+            bm(*bad)
+    with pytest.raises(ValueError, match="Lévy area"):
+        bm(0.25, 0.5, return_U=True)
+    with pytest.raises(ValueError, match="increment queries"):
+        bm(0.25)
+    with pytest.raises(ValueError, match="t0 < t1"):
+        SequentialBrownian(1.0, 1.0, (2, 3))
+
+
+def test_euler_draws_sequential_increments_and_other_methods_the_brownian_interval():
+    """simulate_sde's own Brownian motion: sequential for fixed-step Euler (one increment per step, reproducible by
+    seed), a BrownianInterval where the solver needs more (adaptive steps re-query sub-intervals)."""
+    problem = regression_problem()
+    t = torch.tensor([0.0, 0.5])
+    runs = [flows.simulate_sde(problem, problem.theta0, t, lr=0.05, batch_size=4, paths=3, seed=s, progress=False,
+                               record=False) for s in (7, 7, 8)]
+    assert runs[0].stats["increments"] == 10 and runs[0].metadata["seed"] == 7
+    torch.testing.assert_close(runs[0].theta, runs[1].theta, rtol=0, atol=0)
+    assert not torch.allclose(runs[0].theta[-1], runs[2].theta[-1])
+    with pytest.warns(UserWarning, match="adaptive"):  # torchsde's own caution for adaptive Euler–Maruyama
+        adaptive = flows.simulate_sde(problem, problem.theta0, t, lr=0.05, batch_size=4, paths=3, adaptive=True,
+                                      progress=False, record=False)
+    assert bool(torch.isfinite(adaptive.theta).all())

@@ -45,6 +45,7 @@ import torch
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.layerwise import Layerwise
 from flows.modules import ConvOps, LinearOps, backward
+from flows.problem import output_gradient
 
 FORMS = ("kfac", "kfc", "exact")
 FALLBACKS = ("exact", "error")
@@ -212,7 +213,7 @@ class KFAC(Metric):
         rows = lw.output_factor(y)
         r = rows.shape[1]
         if costate:
-            lam = torch.func.grad(lambda out: problem.loss_fn(out, lw.targets))(y)
+            lam = output_gradient(problem.loss_fn, y, lw.targets)
             rows = torch.cat([rows, lam[:, None]], dim=1)
         found: list = [None] * len(self.blocks)
         grads: list = [None] * len(self.blocks)

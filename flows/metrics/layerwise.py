@@ -25,6 +25,7 @@ from flows.metrics._base import Metric, _check_length, _positive_float, batched,
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
 from flows.modules import backward, read
+from flows.problem import output_gradient
 
 SOLVERS = ("auto", "dual", "primal")
 
@@ -197,7 +198,7 @@ class Layerwise(Metric):
         rows = self.output_factor(y)
         r = rows.shape[1]
         if costate:
-            lam = torch.func.grad(lambda out: self.problem.loss_fn(out, self.targets))(y)
+            lam = output_gradient(self.problem.loss_fn, y, self.targets)
             rows = torch.cat([rows, lam[:, None]], dim=1)
 
         def visit(node, ins, p, ext, k):

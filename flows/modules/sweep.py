@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flows.modules.graph import ModuleGraph, Node, Trace
+from flows.problem import output_gradient
 
 
 def _add(old, new):
@@ -115,7 +116,7 @@ def costates(problem, theta: torch.Tensor, *, graph: ModuleGraph | None = None) 
         graph.check_per_sample(params, problem.inputs)
     trace = graph.forward(params, problem.inputs)
     y = trace.output
-    lam = torch.func.grad(lambda out: problem.loss_fn(out, problem.targets))(y)
+    lam = output_gradient(problem.loss_fn, y, problem.targets)
     grads = {}
 
     def visit(node, ins, p, rows, k):
