@@ -98,3 +98,24 @@ def test_bad_inputs_name_the_sizes():
         problem.loss(torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         flows.Problem(model, "hinge", _data(4, 3, 2))
+
+
+@given(b=st.integers(1, 9), c=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_output_gradient_equals_autograd_for_the_built_in_losses(b, c, seed):
+    """The closed forms (y − t)/B and (softmax(y) − onehot(t))/B against torch.func.grad of the loss itself, also
+    under vmap (they are plain tensor operations) and for a loss given as a callable (which takes autograd)."""
+    from flows.problem import cross_entropy, mse, output_gradient
+
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(b, c, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, c, (b,), generator=gen)
+    targets = torch.randn(b, c, generator=gen, dtype=torch.float64)
+    for loss, t in ((mse, targets), (cross_entropy, labels), (cross_entropy, torch.softmax(targets, -1)),
+                    (lambda out, tt: (out.sin() * tt).sum() / b, targets)):
+        expected = torch.func.grad(lambda out, loss=loss, t=t: loss(out, t))(y)
+        torch.testing.assert_close(output_gradient(loss, y, t), expected, rtol=1e-12, atol=1e-14)
+    stacked = torch.stack([y, 2 * y])
+    batched = torch.func.vmap(lambda out: output_gradient(cross_entropy, out, labels))(stacked)
+    for i in range(2):
+        expected = torch.func.grad(lambda out: cross_entropy(out, labels))(stacked[i])
+        torch.testing.assert_close(batched[i], expected, rtol=1e-12, atol=1e-14)
