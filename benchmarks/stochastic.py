@@ -15,7 +15,9 @@ Digits MLP 64-32-10 (tanh, cross-entropy, float64) on all 1 797 training samples
    backward pass (what simulate_sde runs for Euler); ∇L and D dW apart (a two-cotangent backward pass, the route of
    any other drift), vmapped over paths and looped over paths; the full-batch gradient alone (the drift of the
    deterministic flow, a lower bound); the explicit per-sample factor via ``problem.sample_grads`` (memory n × N per
-   path) on a 32-sample subsample, looped over paths; and SGD's 16 minibatch gradients.
+   path) on a 32-sample subsample, looped over paths; SGD's 16 minibatch gradients; and one Brownian increment
+   (16 × 1 797 normals) from a torchsde BrownianInterval and from flows' SequentialBrownian, which simulate_sde uses
+   for fixed-step Euler.
 
 Note what is compared: an SDE step evaluates the full-batch drift and noise (n = 1 797 samples per path), an SGD step
 a 32-sample gradient, so per sample gradient the SDE does 56× more work; the ratio stays small only because the
@@ -29,12 +31,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torchsde
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import setup, time_each, write_results  # noqa: E402
 
 import flows  # noqa: E402
-from flows.sde import MinibatchNoise  # noqa: E402
+from flows.sde import MinibatchNoise, SequentialBrownian  # noqa: E402
 
 TARGET = 2.0
 
@@ -91,6 +94,17 @@ def main(argv=None) -> int:
     thetas = theta0 + 0.01 * torch.randn(paths, problem.num_params, generator=gen, dtype=torch.float64)
     v = torch.randn(paths, noise.channels, generator=gen, dtype=torch.float64)
     small = MinibatchNoise(problem, subsample=batch)
+    span = 1e6  # both Brownian motions answer consecutive steps of lr from 0 (far from the end of the span)
+    clocks = {"interval": 0.0, "sequential": 0.0}
+    interval = torchsde.BrownianInterval(t0=0.0, t1=span, size=(paths, noise.channels), dtype=torch.float64,
+                                         entropy=0, dt=lr)
+    sequential = SequentialBrownian(0.0, span, (paths, noise.channels), seed=0)
+
+    def next_increment(bm, key):
+        start = clocks[key]
+        clocks[key] = start + lr
+        return bm(start, clocks[key])
+
     parts = time_each({
         "euler_step_one_pass_vmapped": lambda: noise.euler_increment(thetas, v, lr, (lr / batch) ** 0.5),
         "drift_and_noise_vmapped": lambda: noise.gradient_and_product(thetas, v),
@@ -99,6 +113,8 @@ def main(argv=None) -> int:
         "full_gradient_only_vmapped": lambda: problem.grad(thetas),
         "explicit_factor_subsample32_path_loop": lambda: [small.factor(th) for th in thetas],
         "sgd_minibatch_gradient_x16": lambda: [problem.grad(th, torch.arange(batch)) for th in thetas],
+        "brownian_interval_increment": lambda: next_increment(interval, "interval"),
+        "sequential_brownian_increment": lambda: next_increment(sequential, "sequential"),
     }, repeats=3 if args.quick else 7, warmup=1)
     per_step_ms = {name: 1e3 * r["min_s"] for name, r in parts.items()}
 
