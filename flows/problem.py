@@ -457,7 +457,8 @@ class Problem:
         vector): no N × N matrix, the gradient computed once. Cost: one gradient plus k backward passes through its
         graph, run as one batched pass — for the digits MLP 64-32-10 at k = 5 about 3× one gradient, ≈ 20 % less
         than vmapping ``torch.func`` transforms over the field (benchmarks/contraction.py). A loss that is linear in
-        θ has ∇²L = 0.
+        θ has ∇²L = 0. Both results are detached (not differentiable further); θ is one parameter vector, not an
+        ensemble.
         """
         self._check_single(theta, "hessian_products")
         vectors = torch.as_tensor(vectors)
@@ -470,13 +471,15 @@ class Problem:
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self._loss(th), th, create_graph=True)
-            if not g.requires_grad:  # L linear in θ: the gradient does not depend on θ
-                products = torch.zeros_like(rows)
-            else:
+            products = None  # stays None when L is linear in θ: the gradient does not depend on θ
+            if g.requires_grad:
                 try:
-                    products = torch.autograd.grad(g, th, rows, is_grads_batched=True, retain_graph=True)[0]
+                    (products,) = torch.autograd.grad(g, th, rows, is_grads_batched=True, retain_graph=True,
+                                                      allow_unused=True)
                 except RuntimeError:  # an operation without a batching rule: one backward pass per vector
-                    products = torch.stack([torch.autograd.grad(g, th, row, retain_graph=True)[0] for row in rows])
+                    each = [torch.autograd.grad(g, th, row, retain_graph=True, allow_unused=True)[0] for row in rows]
+                    products = None if each[0] is None else torch.stack(each)
+        products = torch.zeros_like(rows) if products is None else products
         g, products = g.detach(), products.detach().T
         return g, products[:, 0] if single else products
 
