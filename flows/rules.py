@@ -40,6 +40,19 @@ class GradientFlow:
             return -self._fused(theta)
         return -self.metric.solve(theta, self.problem.grad(theta))
 
+    def jacobian_products(self, t: torch.Tensor, theta: torch.Tensor, vectors: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(t, θ), J V) for one θ (N,) and k vectors V (N, k), J = ∂f/∂θ, under a Euclidean metric G = s·I:
+        f = −∇L/s and J V = −∇²L V/s, both from :meth:`flows.Problem.hessian_products` (the gradient once, its graph
+        kept, and the k products by one batched backward pass through it). Cost: about one gradient plus k backward
+        passes run as one batched pass. Other metrics raise ``ValueError``: their J involves G(θ)⁻¹ and its
+        derivative, which Hessian products alone do not give."""
+        if not self.symmetric_jacobian:
+            raise ValueError(f"jacobian_products needs a Euclidean metric (J = −∇²L/s); this flow's metric is "
+                             f"{type(self.metric).__name__}: use forward-mode products (torch.func.jvp) of the field")
+        g, products = self.problem.hessian_products(theta, vectors)
+        return -self.metric.solve(theta, g), -self.metric.solve(theta, products)
+
     def describe(self) -> dict:
         return {"name": "GradientFlow", "metric": self.metric.describe()}
 
