@@ -1,9 +1,12 @@
 """Numerical kernels shared by the problem, the modules and the metrics: Gram matrices from their lower panels and
-the context in which attention is differentiable to any order."""
+the context in which attention and normalisation are differentiable to any order."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 GRAM_PANELS = 4
 GRAM_MIN_ROWS = 128
@@ -35,29 +38,78 @@ def gram(k: torch.Tensor) -> torch.Tensor:
 
 
 
-class AttentionProbe(torch.overrides.TorchFunctionMode):
-    """Records whether the code run inside it calls an attention kernel (scaled-dot-product attention, or the fused
-    multi-head path ``nn.MultiheadAttention`` takes without gradients): a model that does not never needs
-    :func:`differentiable_attention`, and its evaluations skip the context (≈ 11 µs per call)."""
+class KernelProbe(torch.overrides.TorchFunctionMode):
+    """Records whether the code run inside it calls a kernel that needs :func:`differentiable_kernels`: attention
+    (scaled-dot-product attention, or the fused multi-head path ``nn.MultiheadAttention`` takes without gradients),
+    layer norm or instance norm. A model that calls none never needs the context, and its evaluations skip it
+    (≈ 11 µs per call, more per operation for the norms)."""
 
     def __init__(self):
         super().__init__()
         self.seen = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if "attention" in getattr(func, "__name__", ""):
+        name = getattr(func, "__name__", "")
+        if "attention" in name or "layer_norm" in name or "instance_norm" in name:
             self.seen = True
         return func(*args, **(kwargs or {}))
 
 
-def differentiable_attention():
-    """A context in which scaled-dot-product attention runs its composite ("math") kernel.
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``F.layer_norm`` in composite operations: (x − mean)/√(var + ε) ⊙ weight + bias over the last
+    ``len(normalized_shape)`` dims (biased variance, as torch). The fused kernel's derivatives are wrong in one
+    composition of torch.func transforms in PyTorch 2.13: forward mode over a vmapped reverse-mode pass
+    (``jacfwd(jacrev(f))``, i.e. ``torch.func.hessian``, or a JVP of a batched vjp) gets the cross term between
+    input and weight wrong (relative error 0.19 on a 3 × 4 example, tests/test_linalg.py); the composite is right
+    in all of them. Cost: a few elementwise passes."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5):
+    """``F.instance_norm`` in composite operations when it normalises by the input's own statistics (each sample and
+    channel over its spatial dims), for the same reason as :func:`layer_norm`; with running statistics it is an
+    affine map and ``F.instance_norm`` itself is used."""
+    if not use_input_stats:
+        return F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    dims = tuple(range(2, x.ndim))
+    centred = x - x.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+#: fused functions and their composite forms (same values, every derivative right)
+COMPOSITES = {F.layer_norm: layer_norm, F.instance_norm: instance_norm}
+
+
+class ComposedNorms(torch.overrides.TorchFunctionMode):
+    """Runs ``F.layer_norm`` and ``F.instance_norm`` as :func:`layer_norm` and :func:`instance_norm`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return COMPOSITES.get(func, func)(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def differentiable_kernels():
+    """A context in which attention, layer norm and instance norm are differentiable to any order, in any
+    composition of torch.func transforms.
 
     PyTorch's fused CPU attention kernels have no forward-mode derivative and no double backward, so a
-    Jacobian–vector product or a second derivative through ``nn.MultiheadAttention`` fails inside them; the math
-    kernel is the same function written in differentiable operations. Every evaluation of a model in flows
-    (``Problem``, the module graph and its generic leaves) runs inside this context, so contraction rates, Ġ,
-    Lyapunov tangents and Hessian–vector products work on attention models like on any other."""
+    Jacobian–vector product or a second derivative through ``nn.MultiheadAttention`` fails inside them; the context
+    selects the composite ("math") attention kernel, the same function written in differentiable operations. The
+    fused layer-norm and instance-norm kernels have every derivative but one composition silently wrong (see
+    :func:`layer_norm`); the context computes them in composite operations too. Every evaluation of a model in flows
+    (``Problem`` when its trial evaluation saw one of these kernels, the module graph's nodes) runs inside it, so
+    contraction rates, Ġ, Lyapunov tangents and Hessians are right on transformers like on any other model."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    with sdpa_kernel(SDPBackend.MATH), ComposedNorms():
+        yield

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from flows.linalg import AttentionProbe, differentiable_attention
+from flows.linalg import KernelProbe, differentiable_kernels
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -223,7 +223,7 @@ class Problem:
         if self.batch_size == 0:
             raise ValueError("the training data is empty (0 samples)")
         self._check_labels(self.targets, "the training data")
-        self._attention = True  # evaluations run attention's differentiable kernel unless the trial finds none
+        self._kernels = True  # evaluations run differentiable_kernels unless the trial evaluation sees no kernel
         self._check_loss_at_theta0(inputs)
         self.eval_data = self._eval_sets(eval_data)
 
@@ -256,10 +256,10 @@ class Problem:
         loss that is not a finite scalar, is reported here by name rather than deep inside a solver."""
         buffers = {name: b.clone() for name, b in self.buffers.items()}
         try:
-            with torch.no_grad(), AttentionProbe() as probe:
+            with torch.no_grad(), KernelProbe() as probe:
                 outputs = functional_call(self.model, (self.unflatten(self.theta0), buffers), (self.inputs,))
                 value = self.loss_fn(outputs, self.targets)
-            self._attention = probe.seen
+            self._kernels = probe.seen
         except (RuntimeError, IndexError, TypeError, ValueError) as exc:
             hint = ""
             if not raw_inputs.is_floating_point():
@@ -393,9 +393,9 @@ class Problem:
     # -- pure functions of one θ (vmap-able) ----------------------------------------------------
     def _outputs(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         params = self.unflatten(theta)
-        if not self._attention:
+        if not self._kernels:
             return functional_call(self.model, (params, self.buffers), (inputs,))
-        with differentiable_attention():  # forward-mode and second derivatives through attention, too
+        with differentiable_kernels():  # every derivative through attention and normalisation right, too
             return functional_call(self.model, (params, self.buffers), (inputs,))
 
     def _loss(self, theta: torch.Tensor) -> torch.Tensor:

@@ -56,3 +56,25 @@ def test_a_model_calling_attention_directly_is_differentiable_in_forward_mode():
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         hessian = torch.func.jacrev(torch.func.grad(problem.loss))(problem.theta0)
     torch.testing.assert_close(jv, hessian @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_hessian_and_layerwise_jacobian_through_layer_norm_are_right():
+    """PyTorch 2.13's fused layer norm gets forward mode over a batched reverse pass wrong (torch.func.hessian is
+    jacfwd(jacrev)); flows evaluates it in composite form, so torch.func.hessian(problem.loss) equals reverse over
+    reverse, the dense sharpness is its top eigenvalue, and a JVP of the Layerwise direction (LayerNorm rows pulled
+    by batched vjps) equals central differences."""
+    problem = _transformer_problem()
+    theta = problem.theta0
+    reference = torch.func.jacrev(problem.grad)(theta)
+    hessian = torch.func.hessian(problem.loss)(theta)
+    torch.testing.assert_close(hessian, reference, rtol=1e-9, atol=1e-11)
+    top = float(torch.linalg.eigvalsh(0.5 * (reference + reference.T))[-1])
+    sharp = flows.contraction.sharpness(problem, theta, method="dense")
+    assert abs(float(sharp.sharpness[0]) - top) <= 1e-9 * abs(top)
+
+    metric = flows.metrics.Layerwise(problem, mu=0.1)
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(3), dtype=theta.dtype)
+    jv = torch.func.jvp(metric.natural_direction, (theta,), (v,))[1]
+    h = 1e-5
+    central = (metric.natural_direction(theta + h * v) - metric.natural_direction(theta - h * v)) / (2 * h)
+    torch.testing.assert_close(jv, central, rtol=1e-6, atol=1e-6 * float(central.abs().max()))

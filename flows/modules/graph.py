@@ -14,6 +14,7 @@ nodes whose per-sample evaluation differs from the batched one (ops that mix sam
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flows.linalg import COMPOSITES, ComposedNorms
 from flows.modules.activations import TORCH_FUNCTIONS, ActivationOps, activation_name
 from flows.modules.conv import ConvOps
 from flows.modules.conv import supports as conv_supports
@@ -66,6 +68,10 @@ class Node:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+# leaf modules whose fused kernels have a wrong derivative in one torch.func composition (flows.linalg.layer_norm)
+_FUSED_NORMS = (nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 class _Tracer(fx.Tracer):
@@ -209,20 +215,24 @@ class ModuleGraph:
 
         if fx_node.op == "call_module":
             module = model.get_submodule(fx_node.target)
+            composed = any(isinstance(m, _FUSED_NORMS) for m in module.modules())
 
             def fn(p, ins):
                 args, kwargs = bind(ins)
                 if isinstance(module, nn.MultiheadAttention):
                     return _attention(module, p, args, kwargs)
-                return functional_call(module, p, args, kwargs) if p else module(*args, **kwargs)
+                with ComposedNorms() if composed else contextlib.nullcontext():
+                    return functional_call(module, p, args, kwargs) if p else module(*args, **kwargs)
         elif fx_node.op == "call_method":
             def fn(p, ins):
                 args, kwargs = bind(ins)
                 return getattr(args[0], fx_node.target)(*args[1:], **kwargs)
         else:
+            target = COMPOSITES.get(fx_node.target, fx_node.target)  # F.layer_norm → its composite form
+
             def fn(p, ins):
                 args, kwargs = bind(ins)
-                return fx_node.target(*args, **kwargs)
+                return target(*args, **kwargs)
         return fn
 
     # -- reading ----------------------------------------------------------------------------------------

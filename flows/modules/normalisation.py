@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 
+from flows.linalg import layer_norm
+
 
 def supports(module: nn.Module) -> bool:
     if isinstance(module, nn.LayerNorm):
@@ -37,13 +39,13 @@ class NormOps:
     def forward(self, p, ins):
         m = self.module
         if self.layer:
-            return F.layer_norm(ins[0], m.normalized_shape, p["weight"], p.get("bias"), m.eps)
+            return layer_norm(ins[0], m.normalized_shape, p["weight"], p.get("bias"), m.eps)  # composite: see it
         return F.group_norm(ins[0], m.num_groups, p["weight"], p.get("bias"), m.eps)
 
     def _normalised(self, x):
         m = self.module
         if self.layer:
-            return F.layer_norm(x, m.normalized_shape, eps=m.eps)
+            return layer_norm(x, m.normalized_shape, eps=m.eps)
         return F.group_norm(x, m.num_groups, eps=m.eps)
 
     def pull(self, p, ins, rows, want):
