@@ -19,7 +19,7 @@ cotangents, or the drift from its own field. :meth:`MinibatchNoise.factor` forms
 Time is the continuous time of the flow: SGD's step k sits at t = kη, so ``dt=lr`` is one SDE step per SGD step.
 An ensemble of P paths runs in one torchsde solve (torchsde's batch dimension), evaluated with
 :func:`torch.func.vmap` over paths; the Brownian motion is seeded, so a run is reproducible: for fixed-step
-Euler–Maruyama its increments are drawn in sequence (:class:`SequentialBrownian`, a quarter of the cost of an
+Euler–Maruyama its increments are drawn in sequence (:class:`SequentialBrownian`, less than half the cost of an
 interval-tree query), for every other method it is a :class:`torchsde.BrownianInterval`.
 """
 
@@ -248,11 +248,11 @@ class SequentialBrownian(torchsde.BaseBrownian):
 
         W(t_{k+1}) − W(t_k) = √(t_{k+1} − t_k) · z_k,      z_k ~ N(0, I_{P·m}) i.i.d.,
 
-    is exactly Brownian at the queried times, with no interval tree: z_k is the k-th draw of one numpy PCG64
-    generator seeded with ``seed`` (ziggurat normals), so the same seed and the same steps give the same path.
+    is exactly Brownian at the queried times, with no interval tree: z_k is the k-th draw of one
+    ``torch.Generator`` seeded with ``seed``, so the same seed and the same steps give the same path.
     A query that does not start where the previous one ended (an adaptive solver's rejected step, a method asking
     for sub-intervals or Lévy areas) raises a ValueError: those need :class:`torchsde.BrownianInterval`'s
-    Brownian bridge. Cost per increment: P·m normals — 0.27 ms for 16 × 1 797 on the benchmark machine against
+    Brownian bridge. Cost per increment: P·m normals — 0.5 ms for 16 × 1 797 on the benchmark machine against
     1.2 ms for the same query to a BrownianInterval (benchmarks/stochastic.py).
 
     Args:
@@ -264,8 +264,6 @@ class SequentialBrownian(torchsde.BaseBrownian):
     """
 
     def __init__(self, t0, t1, size, *, dtype=torch.float64, device=None, seed: int = 0, on_call=None):
-        import numpy as np
-
         self._t0, self._t1 = float(t0), float(t1)
         if not self._t0 < self._t1:
             raise ValueError(f"SequentialBrownian needs t0 < t1, got t0={self._t0}, t1={self._t1}")
@@ -273,7 +271,7 @@ class SequentialBrownian(torchsde.BaseBrownian):
         self._dtype = dtype
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self.seed = int(seed)
-        self._rng = np.random.default_rng(self.seed)
+        self._generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self._at = self._t0
         self._flows_count = 0
         self._flows_on_call = on_call
@@ -293,8 +291,8 @@ class SequentialBrownian(torchsde.BaseBrownian):
             self._flows_on_call(ta, tb)
         self._flows_count += 1
         self._at = tb
-        z = torch.from_numpy(self._rng.standard_normal(self._shape))
-        return (z * math.sqrt(tb - ta)).to(dtype=self._dtype, device=self._device)
+        z = torch.randn(self._shape, generator=self._generator, dtype=self._dtype, device=self._device)
+        return z.mul_(math.sqrt(tb - ta))
 
     def __repr__(self):
         return (f"SequentialBrownian(t0={self._t0}, t1={self._t1}, size={self._shape}, dtype={self._dtype}, "
