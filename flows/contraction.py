@@ -143,11 +143,15 @@ def _is_moving(metric, moving: bool | None) -> bool:
 def metric_derivative(metric, theta: torch.Tensor, direction: torch.Tensor):
     """v ↦ Ġv = d/dε G(θ + ε·direction) v (with direction = f(θ), the metric's rate of change along the flow).
 
-    A forward-mode Jacobian–vector product through ``metric.apply``: one extra pass of the metric product, no
-    N × N matrix. A metric whose product forward mode cannot differentiate (a custom operation) falls back to the
+    A metric with a ``derivative_operator(θ, direction)`` (:meth:`flows.metrics.Layerwise.derivative_operator`:
+    Ġ from its factors and their forward-mode derivative, taken once) gives the products itself. Otherwise a
+    forward-mode Jacobian–vector product through ``metric.apply``: one extra pass of the metric product per vector,
+    no N × N matrix. A metric whose product forward mode cannot differentiate (a custom operation) falls back to the
     central difference [G(θ + h f) − G(θ − h f)]v / 2h with h = ε^{1/3}(1 + ‖θ‖)/‖f‖, error O(h²).
     """
     theta, direction = theta.detach(), direction.detach()
+    if callable(getattr(metric, "derivative_operator", None)):
+        return metric.derivative_operator(theta, direction)
 
     def by_jvp(v):
         return jvp(lambda th: metric.apply(th, v), (theta,), (direction,))[1]

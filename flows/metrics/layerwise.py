@@ -337,6 +337,25 @@ class Layerwise(Metric):
         found = self._gather(theta, theta, solve=False)
         return {name: k for (name, _, _), k in zip(self.blocks, found)}
 
+    def derivative_operator(self, theta: torch.Tensor, direction: torch.Tensor):
+        """v ↦ Ġv, Ġ = DG(θ)[direction], as a product of materialised factors (MATH.md §5, the moving metric):
+
+            Ġ_a = K̇_aᵀK_a + K_aᵀK̇_a,     K̇_a = DK_a(θ)[direction]      (the mass μI or D_a does not move)
+
+        K and K̇ come from one forward-mode pass of the factor sweep (memory 2·d·N, like two :meth:`block_factors`);
+        every product then costs O(d·N) — instead of a forward-mode pass of the whole sweep per vector, as a JVP of
+        :meth:`apply` takes. :func:`flows.contraction.metric_derivative` uses it."""
+        theta, direction = theta.detach(), direction.detach()
+        _check_length(direction, self.problem.num_params, "direction")
+        factors, rates = torch.func.jvp(self.block_factors, (theta,), (direction,))
+        pairs = [(sl, factors[name], rates[name]) for name, sl, _ in self.blocks]
+
+        def product(v):
+            _check_length(v, self.problem.num_params, "v")
+            return torch.cat([kd.T @ (k @ v[sl]) + k.T @ (kd @ v[sl]) for sl, k, kd in pairs])
+
+        return product
+
     def _mass_matrix(self, name, n, like):
         mass = self._mass.get(name)
         return torch.diag(mass) if mass is not None else self.mu * _eye(n, like)
