@@ -487,6 +487,10 @@ class Problem:
             raise ValueError(f"vectors must have shape (N,) or (N, k) with N = {self.num_params} and k ≥ 1, got "
                              f"{tuple(vectors.shape)}")
         rows = columns.T.to(theta).contiguous()  # (k, N): the batched cotangents, one per row
+        chain = self._linear_chain()
+        if chain is not None:  # a chain of Linear layers and activations: the structured R-operator sweep
+            g, products = chain.hessian_products(theta, rows)
+            return g, products[0] if single else products.T
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self._loss(th), th, create_graph=True)
@@ -501,6 +505,15 @@ class Problem:
         products = torch.zeros_like(rows) if products is None else products
         g, products = g.detach(), products.detach().T
         return g, products[:, 0] if single else products
+
+    def _linear_chain(self):
+        """The model read as a chain of Linear layers and activations (:func:`flows.modules.linear_chain`), once;
+        None for any other model or loss."""
+        if not hasattr(self, "_chain"):
+            from flows.modules.hessian import linear_chain
+
+            self._chain = linear_chain(self)
+        return self._chain
 
     def sample_losses(self, theta: torch.Tensor, indices=None) -> torch.Tensor:
         """Per-sample losses ℓ_i(θ) = loss(model(x_i; θ), y_i) for one θ of shape (N,), shape (B,) over the training

@@ -1,0 +1,214 @@
+"""Exact Hessian–vector products of a chain of Linear layers and elementwise activations, k vectors at once, by one
+structured forward and one structured backward sweep (Pearlmutter's R-operator; Pearlmutter 1994, "Fast exact
+multiplication by the Hessian", Neural Computation 6(1)).
+
+The model y = f_L(…f_1(x)) is an ``nn.Sequential`` (nested ones allowed) of ``nn.Linear`` layers,
+z_l = h_{l−1}W_lᵀ + b_l, and activations h = σ(z) from ``ACTIVATIONS``; the loss is the built-in ``mse`` or
+``cross_entropy`` (integer class targets, outputs (B, C)). For a direction (V_l, v_l) of (W_l, b_l), R{·} is the
+derivative along it (Rh_0 = 0 at the inputs):
+
+    forward    Rz_l = h_{l−1}V_lᵀ + Rh_{l−1}W_lᵀ + v_l,          Rh = σ'(z)∘Rz
+    output     δ_y = ∇_y L,  Rδ_y = ∇²_y L·Ry:  cross-entropy  δ_y = (p − onehot t)/B,  Rδ_y = (p∘Ry − p(pᵀRy))/B
+                                                  mse            δ_y = (y − t)/B,          Rδ_y = Ry/B
+    backward   δ_{h_{l−1}} = δ_{z_l}W_l,     Rδ_{h_{l−1}} = Rδ_{z_l}W_l + δ_{z_l}V_l
+               δ_z = σ'(z)∘δ_h,              Rδ_z = σ''(z)∘Rz∘δ_h + σ'(z)∘Rδ_h
+    results    ∇_{W_l}L = δ_{z_l}ᵀh_{l−1},   ∇_{b_l}L = Σ_b δ_{z_l}
+               (∇²L·V)_{W_l} = Rδ_{z_l}ᵀh_{l−1} + δ_{z_l}ᵀRh_{l−1},   (∇²L·V)_{b_l} = Σ_b Rδ_{z_l}
+
+The k directions are a leading batch dimension of every R-quantity, so each line above is one or two batched
+tensor operations whatever k is (no per-vector operation, no autograd graph). Cost: the gradient's forward and
+backward pass plus about 2k times its matrix products, O(k·B·Σ in_l·out_l) flops, in ≈ 10 + 15·L operations
+for L Linear layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flows.modules.activations import ACTIVATIONS, activation_name
+from flows.problem import cross_entropy, mse
+
+
+def _tanh(z, h):
+    d1 = 1 - h * h
+    return d1, -2 * h * d1
+
+
+def _sigmoid(z, h):
+    d1 = h * (1 - h)
+    return d1, d1 * (1 - 2 * h)
+
+
+def _softplus(z, h):
+    s = torch.sigmoid(z)
+    return s, s * (1 - s)
+
+
+def _relu(z, h):
+    return (z > 0).to(z.dtype), None  # σ'' = 0 (almost everywhere)
+
+
+# (σ'(z), σ''(z)) from the input z and the output h = σ(z); None for σ'' ≡ 0
+DERIVATIVES = {"tanh": _tanh, "sigmoid": _sigmoid, "softplus": _softplus, "relu": _relu}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    kind: str  # "linear" or an ACTIVATIONS name
+    weight: str | None = None  # full parameter names of a Linear layer
+    bias: str | None = None
+
+
+def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    if type(module) is nn.Sequential:
+        for name, child in module.named_children():
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix, module
+
+
+class LinearChain:
+    """A problem read as a chain of Linear layers and activations (see the module docstring); build it with
+    :func:`linear_chain`. :meth:`hessian_products` gives (∇L(θ), ∇²L(θ)·V) by the R-operator sweep."""
+
+    def __init__(self, problem, layers: list[_Layer]):
+        self.problem = problem
+        self.layers = layers
+        self.cross_entropy = problem.loss_name == "cross_entropy"
+        self.inv_batch = 1.0 / problem.batch_size
+        if self.cross_entropy:
+            width = problem.outputs(problem.theta0).shape[1]
+            self.onehot = F.one_hot(problem.targets, width).to(problem.dtype)
+
+    def hessian_products(self, theta: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∇L(θ) of shape (N,), ∇²L(θ)·vⱼ as rows of shape (k, N)) for one θ (N,) and k vectors as rows (k, N)."""
+        p = self.problem
+        with torch.no_grad():
+            params, dirs = p.unflatten(theta.detach()), p.unflatten(rows)
+            # forward: every layer's input h (and for activations also z, through its output h = σ(z))
+            h, rh = p.inputs, None  # rh: R{h}, shape (k, B, width); None while it is zero
+            saved = []
+            for layer in self.layers:
+                if layer.kind == "linear":
+                    w, v = params[layer.weight], dirs[layer.weight]
+                    out = F.linear(h, w, params[layer.bias] if layer.bias else None)
+                    r_out = torch.matmul(h, v.transpose(1, 2))  # h Vᵀ for all k: (k, B, out)
+                    if layer.bias:
+                        r_out = r_out + dirs[layer.bias][:, None, :]
+                    if rh is not None:
+                        r_out = r_out + rh @ w.T  # (k·B, in) @ (in, out)
+                    saved.append((h, rh))
+                else:
+                    out = ACTIVATIONS[layer.kind][0](h)
+                    d1, d2 = DERIVATIVES[layer.kind](h, out)
+                    r_out = None if rh is None else d1 * rh
+                    saved.append((d1, d2, rh))
+                h, rh = out, r_out
+            y, ry = h, rh
+            if ry is None:  # a chain without any Linear layer has no parameters: Problem refuses it
+                raise ValueError("a linear chain needs at least one Linear layer")
+            # output costate δ_y = ∇_y L and its directional derivative Rδ_y = ∇²_y L · Ry
+            if self.cross_entropy:
+                prob = torch.softmax(y, dim=-1)
+                delta = (prob - self.onehot) * self.inv_batch
+                r_delta = (ry - (prob * ry).sum(-1, keepdim=True)) * (prob * self.inv_batch)
+            else:
+                delta = (y - p.targets) * self.inv_batch
+                r_delta = ry * self.inv_batch
+            # backward
+            grads: dict[str, torch.Tensor] = {}
+            prods: dict[str, torch.Tensor] = {}
+            for i in range(len(self.layers) - 1, -1, -1):
+                layer = self.layers[i]
+                if layer.kind == "linear":
+                    x, rx = saved[i]
+                    w, v = params[layer.weight], dirs[layer.weight]
+                    grads[layer.weight] = delta.T @ x
+                    hv = torch.matmul(r_delta.transpose(1, 2), x)  # Rδᵀ h for all k: (k, out, in)
+                    if rx is not None:
+                        hv = hv + torch.matmul(delta.T, rx)  # δᵀ Rh: (out, B) @ (k, B, in)
+                    prods[layer.weight] = hv
+                    if layer.bias:
+                        grads[layer.bias] = delta.sum(0)
+                        prods[layer.bias] = r_delta.sum(1)
+                    if i > 0:
+                        delta, r_delta = delta @ w, r_delta @ w + torch.matmul(delta, v)
+                else:
+                    d1, d2, rz = saved[i]
+                    new_r = d1 * r_delta
+                    if d2 is not None and rz is not None:
+                        new_r = new_r + d2 * rz * delta
+                    delta, r_delta = d1 * delta, new_r
+            k = rows.shape[0]
+            names = list(params)
+            g = torch.cat([grads[n].reshape(-1) for n in names])
+            products = torch.cat([prods[n].reshape(k, -1) for n in names], dim=1)
+        return g, products
+
+
+def linear_chain(problem) -> LinearChain | None:
+    """``problem`` read as a chain of Linear layers and activations, or None when it is not one.
+
+    It is one when the model is an ``nn.Sequential`` (plain, possibly nested) of ``nn.Linear`` layers (their own
+    ``forward``), activation modules that are exactly one of ``ACTIVATIONS`` and ``nn.Identity``, with every
+    parameter in one Linear layer (none shared) and θ ordered layer by layer, weight before bias; the inputs are
+    (B, in) floating tensors; and the loss is the built-in ``mse`` (targets shaped like the outputs) or
+    ``cross_entropy`` (1-D integer targets). Anything else — convolutions, attention, custom modules or losses —
+    gives None, so a caller keeps its general route. Cost: a walk over the modules (and, for cross-entropy, one
+    forward pass for the one-hot targets).
+    """
+    model = problem.model
+    if type(model) is not nn.Sequential or problem.loss_fn not in (mse, cross_entropy):
+        return None
+    if problem.inputs.ndim != 2 or not problem.inputs.is_floating_point():
+        return None
+    layers, names = [], []
+    for prefix, module in _walk(model, ""):
+        if type(module) is nn.Identity:
+            continue
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+            has_bias = module.bias is not None
+            weight, bias = f"{prefix}.weight", f"{prefix}.bias" if has_bias else None
+            layers.append(_Layer("linear", weight, bias))
+            names += [weight, bias] if has_bias else [weight]
+            continue
+        name = activation_name(module)
+        if name is None or name not in DERIVATIVES or any(True for _ in module.parameters()):
+            return None
+        layers.append(_Layer(name))
+    if not names or names != list(problem.unflatten(problem.theta0)):
+        return None  # parameters outside the Linear layers, shared ones, or another order of θ
+    width = [m for _, m in _walk(model, "") if isinstance(m, nn.Linear)][-1].out_features
+    if problem.loss_fn is mse:
+        if not problem.targets.is_floating_point() or tuple(problem.targets.shape) != (problem.batch_size, width):
+            return None
+    elif problem.targets.is_floating_point() or problem.targets.ndim != 1:
+        return None
+    return LinearChain(problem, layers)
+
+
+def chain_hessian_products(problem, theta: torch.Tensor, vectors: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(∇L(θ), ∇²L(θ)V) for one θ (N,) and vectors V (N, k) (or one vector (N,), giving one product (N,)) by the
+    R-operator sweep of the module docstring, or None when ``problem`` is not a chain of Linear layers and
+    activations with a built-in loss (:func:`linear_chain`). :meth:`flows.Problem.hessian_products` takes this
+    route by itself whenever it applies."""
+    chain = linear_chain(problem)
+    if chain is None:
+        return None
+    theta = torch.as_tensor(theta)
+    if theta.shape != (problem.num_params,):
+        raise ValueError(f"theta must have shape ({problem.num_params},), got {tuple(theta.shape)}")
+    vectors = torch.as_tensor(vectors)
+    single = vectors.ndim == 1
+    columns = vectors[:, None] if single else vectors
+    if columns.ndim != 2 or columns.shape[0] != problem.num_params or columns.shape[1] == 0:
+        raise ValueError(f"vectors must have shape (N,) or (N, k) with N = {problem.num_params} and k ≥ 1, got "
+                         f"{tuple(vectors.shape)}")
+    g, products = chain.hessian_products(theta.to(problem.theta0), columns.T.to(problem.theta0))
+    return g, products[0] if single else products.T
