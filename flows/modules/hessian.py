@@ -65,8 +65,10 @@ class _Layer:
 
 
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """Every call of a plain (nested) Sequential in order, a module used twice as often as it is called (not
+    ``named_children``, which lists it once)."""
     if type(module) is nn.Sequential:
-        for name, child in module.named_children():
+        for name, child in module._modules.items():
             yield from _walk(child, f"{prefix}.{name}" if prefix else name)
     else:
         yield prefix, module
