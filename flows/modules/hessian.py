@@ -88,26 +88,31 @@ class LinearChain:
             self.onehot = F.one_hot(problem.targets, width).to(problem.dtype)
 
     def hessian_products(self, theta: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(∇L(θ) of shape (N,), ∇²L(θ)·vⱼ as rows of shape (k, N)) for one θ (N,) and k vectors as rows (k, N)."""
+        """(∇L(θ) of shape (N,), ∇²L(θ)·vⱼ as rows of shape (k, N)) for one θ (N,) and k vectors as rows (k, N).
+
+        Every R-quantity is held as (B, k, width), so that each product with a weight, a direction or an input is
+        one plain matrix product with k folded into its rows or columns (no batched products)."""
         p = self.problem
+        k = rows.shape[0]
         with torch.no_grad():
             params, dirs = p.unflatten(theta.detach()), p.unflatten(rows)
-            # forward: every layer's input h (and for activations also z, through its output h = σ(z))
-            h, rh = p.inputs, None  # rh: R{h}, shape (k, B, width); None while it is zero
+            # forward: every Linear layer's input h and R{h}; every activation's σ', σ'' and input R{z}
+            h, rh = p.inputs, None  # rh: R{h} of shape (B, k, width); None while it is zero
             saved = []
             for layer in self.layers:
                 if layer.kind == "linear":
-                    w, v = params[layer.weight], dirs[layer.weight]
+                    w, v = params[layer.weight], dirs[layer.weight]  # v: (k, out, in)
                     out = F.linear(h, w, params[layer.bias] if layer.bias else None)
-                    r_out = torch.matmul(h, v.transpose(1, 2))  # h Vᵀ for all k: (k, B, out)
+                    r_out = (h @ v.reshape(-1, w.shape[1]).T).view(-1, k, w.shape[0])  # h Vⱼᵀ for all j at once
                     if layer.bias:
-                        r_out = r_out + dirs[layer.bias][:, None, :]
+                        r_out = r_out + dirs[layer.bias]
                     if rh is not None:
-                        r_out = r_out + rh @ w.T  # (k·B, in) @ (in, out)
+                        r_out = r_out + (rh.reshape(-1, w.shape[1]) @ w.T).view_as(r_out)  # R{h} Wᵀ
                     saved.append((h, rh))
                 else:
                     out = ACTIVATIONS[layer.kind][0](h)
                     d1, d2 = DERIVATIVES[layer.kind](h, out)
+                    d1, d2 = d1[:, None], None if d2 is None else d2[:, None]
                     r_out = None if rh is None else d1 * rh
                     saved.append((d1, d2, rh))
                 h, rh = out, r_out
@@ -118,11 +123,11 @@ class LinearChain:
             if self.cross_entropy:
                 prob = torch.softmax(y, dim=-1)
                 delta = (prob - self.onehot) * self.inv_batch
-                r_delta = (ry - (prob * ry).sum(-1, keepdim=True)) * (prob * self.inv_batch)
+                r_delta = (ry - (prob[:, None] * ry).sum(-1, keepdim=True)) * (prob[:, None] * self.inv_batch)
             else:
                 delta = (y - p.targets) * self.inv_batch
                 r_delta = ry * self.inv_batch
-            # backward
+            # backward: δ of shape (B, width), Rδ of shape (B, k, width)
             grads: dict[str, torch.Tensor] = {}
             prods: dict[str, torch.Tensor] = {}
             for i in range(len(self.layers) - 1, -1, -1):
@@ -130,23 +135,25 @@ class LinearChain:
                 if layer.kind == "linear":
                     x, rx = saved[i]
                     w, v = params[layer.weight], dirs[layer.weight]
+                    n_out, n_in = w.shape
                     grads[layer.weight] = delta.T @ x
-                    hv = torch.matmul(r_delta.transpose(1, 2), x)  # Rδᵀ h for all k: (k, out, in)
-                    if rx is not None:
-                        hv = hv + torch.matmul(delta.T, rx)  # δᵀ Rh: (out, B) @ (k, B, in)
+                    hv = (r_delta.reshape(x.shape[0], -1).T @ x).view(k, n_out, n_in)  # Rδᵀ h
+                    if rx is not None:  # + δᵀ R{h}
+                        hv = hv + (delta.T @ rx.reshape(x.shape[0], -1)).view(n_out, k, n_in).transpose(0, 1)
                     prods[layer.weight] = hv
                     if layer.bias:
                         grads[layer.bias] = delta.sum(0)
-                        prods[layer.bias] = r_delta.sum(1)
-                    if i > 0:
-                        delta, r_delta = delta @ w, r_delta @ w + torch.matmul(delta, v)
+                        prods[layer.bias] = r_delta.sum(0)
+                    if i > 0:  # Rδ_in = Rδ W + δ V
+                        r_in = (r_delta.reshape(-1, n_out) @ w).view(-1, k, n_in)
+                        r_delta = r_in + (delta @ v.transpose(0, 1).reshape(n_out, -1)).view_as(r_in)
+                        delta = delta @ w
                 else:
                     d1, d2, rz = saved[i]
                     new_r = d1 * r_delta
                     if d2 is not None and rz is not None:
-                        new_r = new_r + d2 * rz * delta
-                    delta, r_delta = d1 * delta, new_r
-            k = rows.shape[0]
+                        new_r = new_r + (d2 * delta[:, None]) * rz
+                    delta, r_delta = d1[:, 0] * delta, new_r
             names = list(params)
             g = torch.cat([grads[n].reshape(-1) for n in names])
             products = torch.cat([prods[n].reshape(k, -1) for n in names], dim=1)
