@@ -17,8 +17,9 @@ derivative along it (Rh_0 = 0 at the inputs):
 
 The k directions are a leading batch dimension of every R-quantity, so each line above is one or two batched
 tensor operations whatever k is (no per-vector operation, no autograd graph). Cost: the gradient's forward and
-backward pass plus about 2k times its matrix products, O(k·B·Σ in_l·out_l) flops, in ≈ 10 + 15·L operations
-for L Linear layers.
+backward pass plus about 2k times its matrix products, O(k·B·Σ in_l·out_l) flops, in a number of operations fixed
+per layer (≈ 50 for a two-layer MLP): for the digits MLP 64-32-10 on 256 samples at k = 5, 1.2 ms against 0.66 ms
+for ``Problem.grad`` and 2.1 ms for the batched double-backward pass (one thread).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _sigmoid(z, h):
 
 
 def _softplus(z, h):
+    # the smooth derivatives, as ACTIVATIONS has them; torch's softplus is exactly linear above z = 20, where they
+    # differ from its autograd derivatives by e^−20 ≈ 2e-9
     s = torch.sigmoid(z)
     return s, s * (1 - s)
 
@@ -78,13 +81,12 @@ class LinearChain:
     """A problem read as a chain of Linear layers and activations (see the module docstring); build it with
     :func:`linear_chain`. :meth:`hessian_products` gives (∇L(θ), ∇²L(θ)·V) by the R-operator sweep."""
 
-    def __init__(self, problem, layers: list[_Layer]):
+    def __init__(self, problem, layers: list[_Layer], width: int):
         self.problem = problem
         self.layers = layers
-        self.cross_entropy = problem.loss_name == "cross_entropy"
+        self.cross_entropy = problem.loss_fn is cross_entropy
         self.inv_batch = 1.0 / problem.batch_size
         if self.cross_entropy:
-            width = problem.outputs(problem.theta0).shape[1]
             self.onehot = F.one_hot(problem.targets, width).to(problem.dtype)
 
     def hessian_products(self, theta: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +170,7 @@ def linear_chain(problem) -> LinearChain | None:
     parameter in one Linear layer (none shared) and θ ordered layer by layer, weight before bias; the inputs are
     (B, in) floating tensors; and the loss is the built-in ``mse`` (targets shaped like the outputs) or
     ``cross_entropy`` (1-D integer targets). Anything else — convolutions, attention, custom modules or losses —
-    gives None, so a caller keeps its general route. Cost: a walk over the modules (and, for cross-entropy, one
-    forward pass for the one-hot targets).
+    gives None, so a caller keeps its general route. Cost: a walk over the modules.
     """
     model = problem.model
     if type(model) is not nn.Sequential or problem.loss_fn not in (mse, cross_entropy):
@@ -198,7 +199,7 @@ def linear_chain(problem) -> LinearChain | None:
             return None
     elif problem.targets.is_floating_point() or problem.targets.ndim != 1:
         return None
-    return LinearChain(problem, layers)
+    return LinearChain(problem, layers, width)
 
 
 def chain_hessian_products(problem, theta: torch.Tensor, vectors: torch.Tensor
