@@ -13,6 +13,7 @@ Layout (one concept per file):
     manifolds.py      retractions: the parameter manifold of a module
     graph.py          reading a model as a DAG with torch.fx: module, parameter and glue nodes, in graph order
     sweep.py          the backward sweep of costates and factor rows, summed over consumers
+    hessian.py        exact Hessian–vector products of Linear/activation chains by the R-operator (Pearlmutter)
 
 Public surface: ``read(model) → ModuleGraph`` (``.nodes``, ``.module_nodes``, ``.forward(params, x) → Trace``),
 ``backward(graph, trace, rows, visit)``, ``costates(problem, θ)``, the module classes and the retractions.
@@ -24,12 +25,13 @@ from flows.modules.conv import ConvOps
 from flows.modules.embedding import EmbeddingOps
 from flows.modules.generic import GenericOps
 from flows.modules.graph import ModuleGraph, Node, Trace, read
+from flows.modules.hessian import LinearChain, chain_hessian_products, linear_chain
 from flows.modules.linear import Linear, LinearOps
 from flows.modules.manifolds import retract, retraction, sphere_retract
 from flows.modules.normalisation import NormOps
 from flows.modules.sweep import Costate, backward, costates, node_gradient
 
 __all__ = ["ACTIVATIONS", "Activation", "ActivationOps", "Chain", "ConvOps", "Costate", "EmbeddingOps", "Function",
-           "GenericOps", "Linear", "LinearOps", "ModuleGraph", "Node", "NormOps", "Parallel", "ReLU", "Sigmoid",
-           "Softplus", "Tanh", "Trace", "backward", "costates", "node_gradient", "read", "retract", "retraction",
-           "sphere_retract"]
+           "GenericOps", "Linear", "LinearChain", "LinearOps", "ModuleGraph", "Node", "NormOps", "Parallel", "ReLU",
+           "Sigmoid", "Softplus", "Tanh", "Trace", "backward", "chain_hessian_products", "costates", "linear_chain",
+           "node_gradient", "read", "retract", "retraction", "sphere_retract"]

@@ -1,0 +1,140 @@
+"""The R-operator Hessian–vector sweep of Linear/activation chains (flows.modules.hessian, issue 14) against dense
+references: ∇L and ∇²L·V from ``torch.func.jacrev(problem.grad)``; and the models it must leave to autograd."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import flows
+from flows.modules import chain_hessian_products, linear_chain
+
+ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "relu": nn.ReLU}
+
+
+def _data(loss, samples, inputs, outputs, gen):
+    x = torch.randn(samples, inputs, generator=gen, dtype=torch.float64)
+    if loss == "cross_entropy":
+        return x, torch.randint(0, outputs, (samples,), generator=gen)
+    return x, torch.randn(samples, outputs, generator=gen, dtype=torch.float64)
+
+
+def _dense_check(problem, theta, vectors, g, products):
+    """g = ∇L(θ) and products = ∇²L(θ)·V to 1e-10 relative (in norm, per column), against the dense Jacobian of
+    the gradient by torch.func.jacrev — a different route (vmapped reverse over reverse through functional_call)."""
+    hessian = torch.func.jacrev(problem.grad)(theta)
+    reference = hessian @ vectors
+    assert products.shape == reference.shape
+    assert float((g - problem.grad(theta)).norm()) <= 1e-10 * float(problem.grad(theta).norm())
+    error = (products - reference).reshape(reference.shape[0], -1).norm(dim=0)
+    scale = reference.reshape(reference.shape[0], -1).norm(dim=0)
+    assert bool((error <= 1e-10 * scale).all()), (error / scale).max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(act=st.sampled_from(sorted(ACTS)), loss=st.sampled_from(["cross_entropy", "mse"]), bias=st.booleans(),
+       depth=st.sampled_from([2, 3]), k=st.sampled_from([1, 5]), seed=st.integers(0, 10_000))
+def test_chain_products_equal_the_dense_hessian(act, loss, bias, depth, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [4, 5, 6, 3] if depth == 3 else [4, 5, 3]
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias, dtype=torch.float64))
+        if i < len(sizes) - 2:
+            layers.append(ACTS[act]())
+    x, y = _data(loss, 9, sizes[0], sizes[-1], gen)
+    problem = flows.Problem(nn.Sequential(*layers), loss, (x, y))
+    theta = problem.theta0 + 0.5 * torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
+    vectors = torch.randn(problem.num_params, k, generator=gen, dtype=torch.float64)
+    fast = chain_hessian_products(problem, theta, vectors)
+    assert fast is not None  # the structured route is taken
+    _dense_check(problem, theta, vectors, *fast)
+    g, products = problem.hessian_products(theta, vectors)  # Problem takes the same route
+    torch.testing.assert_close(products, fast[1], rtol=0, atol=0)
+    torch.testing.assert_close(g, fast[0], rtol=0, atol=0)
+
+
+def test_one_vector_gives_one_product():
+    gen = torch.Generator().manual_seed(3)
+    problem = flows.Problem(flows.data.mlp([3, 4, 2], seed=3), "cross_entropy", _data("cross_entropy", 7, 3, 2, gen))
+    vector = torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
+    g, product = chain_hessian_products(problem, problem.theta0, vector)
+    assert product.shape == (problem.num_params,)
+    _dense_check(problem, problem.theta0, vector[:, None], g, product[:, None])
+    with pytest.raises(ValueError, match=r"vectors must have shape \(N,\) or \(N, k\)"):
+        chain_hessian_products(problem, problem.theta0, torch.zeros(problem.num_params + 1, dtype=torch.float64))
+
+
+def test_nested_sequential_with_identity_and_activations_at_both_ends():
+    """Glue the sweep must read: a nested Sequential, nn.Identity, flows' own Linear and Activation, an activation
+    before the first Linear (its R-input is zero) and one after the last."""
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Sigmoid(), nn.Sequential(flows.modules.Linear(3, 4), flows.modules.Softplus()),
+                          nn.Identity(), nn.Linear(4, 2, bias=False, dtype=torch.float64), nn.Tanh())
+    problem = flows.Problem(model, "mse", _data("mse", 8, 3, 2, gen))
+    theta = problem.theta0 + 0.3 * torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
+    vectors = torch.randn(problem.num_params, 4, generator=gen, dtype=torch.float64)
+    fast = chain_hessian_products(problem, theta, vectors)
+    assert fast is not None
+    _dense_check(problem, theta, vectors, *fast)
+
+
+def test_an_activation_module_called_twice_is_swept_twice():
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), act, nn.Linear(4, 4, dtype=torch.float64), act,
+                          nn.Linear(4, 2, dtype=torch.float64))
+    problem = flows.Problem(model, "cross_entropy", _data("cross_entropy", 8, 3, 2, gen))
+    vectors = torch.randn(problem.num_params, 2, generator=gen, dtype=torch.float64)
+    fast = chain_hessian_products(problem, problem.theta0, vectors)
+    assert fast is not None
+    _dense_check(problem, problem.theta0, vectors, *fast)
+
+
+def test_the_digits_mlp_takes_the_chain_route():
+    x, y = flows.data.digits(24)
+    problem = flows.Problem(flows.data.mlp([64, 6, 10]), "cross_entropy", (x, y))
+    assert isinstance(linear_chain(problem), flows.modules.LinearChain)
+    vectors = torch.randn(problem.num_params, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _dense_check(problem, problem.theta0, vectors, *problem.hessian_products(problem.theta0, vectors))
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) + x
+
+
+def _other_problems():
+    """Problems that are not Linear/activation chains with a built-in loss: each must give None, and
+    Problem.hessian_products must still be right on it (by its autograd route)."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    x, y = flows.data.digits(10, images=True)
+    yield "cnn", flows.Problem(flows.data.cnn(2), "cross_entropy", (x, y))
+    tokens, labels = flows.data.token_sum(12, length=3, vocab=4)
+    yield "transformer", flows.Problem(flows.data.Transformer(vocab=4, length=3, width=4, heads=2, hidden=6),
+                                       "cross_entropy", (tokens, labels))
+    data = _data("mse", 6, 3, 3, gen)
+    yield "callable loss", flows.Problem(flows.data.mlp([3, 4, 3]), lambda out, t: ((out - t) ** 4).mean(), data)
+    yield "custom forward", flows.Problem(_Residual(nn.Linear(3, 3, dtype=torch.float64), nn.Tanh()), "mse", data)
+    yield "GELU", flows.Problem(nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), nn.GELU(),
+                                              nn.Linear(4, 3, dtype=torch.float64)), "mse", data)
+    yield "softplus beta 2", flows.Problem(flows.data.mlp([3, 4, 3], activation=lambda: nn.Softplus(beta=2.0)),
+                                           "mse", data)
+    shared = nn.Linear(3, 3, dtype=torch.float64)
+    yield "shared layer", flows.Problem(nn.Sequential(shared, nn.Tanh(), shared), "mse", data, blocks=["0"])
+    x1, t1 = _data("mse", 6, 3, 1, gen)
+    yield "mse targets (B,)", flows.Problem(flows.data.mlp([3, 4, 1]), "mse", (x1, t1[:, 0]))
+
+
+@pytest.mark.parametrize("name,problem", list(_other_problems()), ids=lambda v: v if isinstance(v, str) else "")
+def test_other_models_and_losses_keep_the_autograd_route(name, problem):
+    assert linear_chain(problem) is None
+    gen = torch.Generator().manual_seed(11)
+    theta = problem.theta0 + 0.1 * torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
+    vectors = torch.randn(problem.num_params, 3, generator=gen, dtype=torch.float64)
+    assert chain_hessian_products(problem, theta, vectors) is None
+    _dense_check(problem, theta, vectors, *problem.hessian_products(theta, vectors))
