@@ -4,6 +4,7 @@ the context in which attention and normalisation are differentiable to any order
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     input and weight wrong (relative error 0.19 on a 3 × 4 example, tests/test_linalg.py); the composite is right
     in all of them. Cost: a few elementwise passes."""
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
-    centred = x - x.mean(dims, keepdim=True)
-    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight
     return out if bias is None else out + bias
@@ -76,10 +77,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     channel over its spatial dims), for the same reason as :func:`layer_norm`; with running statistics it is an
     affine map and ``F.instance_norm`` itself is used."""
     if not use_input_stats:
-        return F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    dims = tuple(range(2, x.ndim))
-    centred = x - x.mean(dims, keepdim=True)
-    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+        return _FUSED["instance_norm"](x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    var, mean = torch.var_mean(x, tuple(range(2, x.ndim)), correction=0, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     if weight is not None:
         out = out * weight.reshape(shape)
@@ -90,11 +90,34 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 COMPOSITES = {F.layer_norm: layer_norm, F.instance_norm: instance_norm}
 
 
-class ComposedNorms(torch.overrides.TorchFunctionMode):
-    """Runs ``F.layer_norm`` and ``F.instance_norm`` as :func:`layer_norm` and :func:`instance_norm`."""
+_FUSED = {"layer_norm": F.layer_norm, "instance_norm": F.instance_norm}
+_swap_lock = threading.Lock()
+_swap_depth = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return COMPOSITES.get(func, func)(*args, **(kwargs or {}))
+
+@contextlib.contextmanager
+def composed_norms():
+    """A context in which ``torch.nn.functional.layer_norm`` and ``instance_norm`` — what ``nn.LayerNorm`` and
+    ``nn.InstanceNorm*d`` call — are :func:`layer_norm` and :func:`instance_norm`.
+
+    The two attributes of ``torch.nn.functional`` are swapped for the duration (reference-counted under a lock, so
+    nested and concurrent uses restore them once, on the last exit): two attribute writes per evaluation, where a
+    ``TorchFunctionMode`` intercepting every operation cost ≈ 0.8 ms per gradient of the benchmark transformer. Code
+    that bound ``layer_norm`` to its own name before the swap keeps the fused kernel."""
+    global _swap_depth
+    with _swap_lock:
+        if _swap_depth == 0:
+            for name, composite in (("layer_norm", layer_norm), ("instance_norm", instance_norm)):
+                setattr(F, name, composite)
+        _swap_depth += 1
+    try:
+        yield
+    finally:
+        with _swap_lock:
+            _swap_depth -= 1
+            if _swap_depth == 0:
+                for name, fused in _FUSED.items():
+                    setattr(F, name, fused)
 
 
 @contextlib.contextmanager
@@ -111,5 +134,5 @@ def differentiable_kernels():
     contraction rates, Ġ, Lyapunov tangents and Hessians are right on transformers like on any other model."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), ComposedNorms():
+    with sdpa_kernel(SDPBackend.MATH), composed_norms():
         yield

@@ -51,7 +51,7 @@ class GradientFlow:
             raise ValueError(f"jacobian_products needs a Euclidean metric (J = −∇²L/s); this flow's metric is "
                              f"{type(self.metric).__name__}: use forward-mode products (torch.func.jvp) of the field")
         g, products = self.problem.hessian_products(theta, vectors)
-        return -self.metric.solve(theta, g), -self.metric.solve(theta, products)
+        return -g / self.metric.scale, -products / self.metric.scale
 
     def describe(self) -> dict:
         return {"name": "GradientFlow", "metric": self.metric.describe()}

@@ -68,3 +68,21 @@ def test_composite_norms_equal_torch_and_have_right_derivatives_in_every_composi
         reference = torch.func.jvp(torch.func.grad(loss(fused, per_channel)), (theta,), (v,))[1]
         got = _forward_over_batched_reverse(loss(norm, per_channel), theta, v)
         torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+
+
+def test_composed_norms_swaps_the_functional_norms_and_restores_them_once_on_the_last_exit():
+    from flows.linalg import composed_norms, instance_norm, layer_norm
+
+    fused_layer, fused_instance = F.layer_norm, F.instance_norm
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    with composed_norms():
+        assert F.layer_norm is layer_norm and F.instance_norm is instance_norm
+        with composed_norms():
+            assert F.layer_norm is layer_norm
+        assert F.layer_norm is layer_norm  # the inner exit leaves the outer context's swap in place
+        module = torch.nn.LayerNorm(5, dtype=torch.float64)
+        torch.testing.assert_close(module(x), fused_layer(x, (5,), module.weight, module.bias), rtol=1e-12, atol=1e-12)
+        # running statistics: an affine map, computed by torch's own kernel (no recursion into the swap)
+        mean, var = torch.zeros(3, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
+        torch.testing.assert_close(F.instance_norm(x, mean, var, use_input_stats=False), x / (2.0 + 1e-5) ** 0.5)
+    assert F.layer_norm is fused_layer and F.instance_norm is fused_instance

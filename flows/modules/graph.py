@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flows.linalg import COMPOSITES, ComposedNorms
+from flows.linalg import COMPOSITES, composed_norms
 from flows.modules.activations import TORCH_FUNCTIONS, ActivationOps, activation_name
 from flows.modules.conv import ConvOps
 from flows.modules.conv import supports as conv_supports
@@ -221,7 +221,7 @@ class ModuleGraph:
                 args, kwargs = bind(ins)
                 if isinstance(module, nn.MultiheadAttention):
                     return _attention(module, p, args, kwargs)
-                with ComposedNorms() if composed else contextlib.nullcontext():
+                with composed_norms() if composed else contextlib.nullcontext():
                     return functional_call(module, p, args, kwargs) if p else module(*args, **kwargs)
         elif fx_node.op == "call_method":
             def fn(p, ins):
