@@ -37,8 +37,9 @@ def test_products_equal_the_dense_hessian_times_the_vectors(loss):
 
 def test_products_through_attention_equal_forward_over_reverse_and_finite_differences():
     """A transformer block (embedding, attention, LayerNorm): the double-backward products against the dense
-    forward-over-reverse Jacobian of the gradient and against central differences of the gradient. (The reference
-    is jacfwd of ``problem.grad``: ``torch.func.hessian(problem.loss)`` disagrees with both here, by ~0.2.)"""
+    forward-over-reverse Jacobian of the gradient and against central differences of the gradient. (jacfwd of
+    ``problem.grad``, not ``torch.func.hessian(problem.loss)``: the latter needs flows' composite layer norm to be
+    right, tested in tests/test_attention_derivatives.py.)"""
     x, y = flows.data.token_sum(24, length=3, vocab=4)
     problem = flows.Problem(flows.data.Transformer(vocab=4, length=3, width=4, heads=2, hidden=6), "cross_entropy",
                             (x, y))
