@@ -208,17 +208,6 @@ def chain_hessian_products(problem, theta: torch.Tensor, vectors: torch.Tensor
     R-operator sweep of the module docstring, or None when ``problem`` is not a chain of Linear layers and
     activations with a built-in loss (:func:`linear_chain`). :meth:`flows.Problem.hessian_products` takes this
     route by itself whenever it applies."""
-    chain = linear_chain(problem)
-    if chain is None:
+    if linear_chain(problem) is None:
         return None
-    theta = torch.as_tensor(theta)
-    if theta.shape != (problem.num_params,):
-        raise ValueError(f"theta must have shape ({problem.num_params},), got {tuple(theta.shape)}")
-    vectors = torch.as_tensor(vectors)
-    single = vectors.ndim == 1
-    columns = vectors[:, None] if single else vectors
-    if columns.ndim != 2 or columns.shape[0] != problem.num_params or columns.shape[1] == 0:
-        raise ValueError(f"vectors must have shape (N,) or (N, k) with N = {problem.num_params} and k ≥ 1, got "
-                         f"{tuple(vectors.shape)}")
-    g, products = chain.hessian_products(theta.to(problem.theta0), columns.T.to(problem.theta0))
-    return g, products[0] if single else products.T
+    return problem.hessian_products(theta, vectors)  # checks the shapes and takes this sweep (its chain is cached)
