@@ -40,6 +40,7 @@ import math
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,10 +420,11 @@ def run(grid: Grid | Iterable[RunSpec], *, out: str | os.PathLike, client=None, 
         with _client(client, scheduler, workers) as dask:
             from distributed import as_completed
 
-            # the key names the run *and* the folder: Dask hands back a finished task's result for a key it still
-            # holds without running it again, and a run must write its file into this sweep's folder
-            folder = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]
-            futures = [dask.submit(run_task, spec.to_dict(), str(out), key=f"flows-run-{spec.run_id}-{folder}",
+            # keys name the run and this call, never an earlier one: Dask hands back a result it still holds for a
+            # key without running the task (so no file would be written), and cancels a resubmitted key whose
+            # cancellation from an interrupted call is still under way
+            call = uuid.uuid4().hex[:8]
+            futures = [dask.submit(run_task, spec.to_dict(), str(out), key=f"flows-run-{spec.run_id}-{call}",
                                    retries=retries) for spec in todo]
             bar = tqdm(total=len(todo), disable=None if progress else True, desc="sweep", unit="run")
             try:
