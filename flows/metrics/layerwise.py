@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.linalg import gram
+from flows.linalg import gram, softmax
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
@@ -39,7 +39,7 @@ def _drop_null_row(rows, logits):
     The Householder reflection H_b (symmetric, orthogonal) with H_b√p = −e_1 leaves L_bᵀL_b unchanged and zeroes the
     first row of H_bL_b; dropping it gives an exact factor with C − 1 rows per sample (d = B(C − 1): the d × d inner
     solves cost ((C−1)/C)³ of the full ones). Cost O(B·C²)."""
-    v = torch.softmax(logits, dim=-1).sqrt()
+    v = softmax(logits).sqrt()
     v = torch.cat([v[:, :1] + 1, v[:, 1:]], dim=1)  # √p + e_1: |v|² = 2 + 2√p_1 ≥ 2, never ill-conditioned
     reflected = rows - (2 / (v * v).sum(1))[:, None, None] * v[:, :, None] * (v[:, None, :] @ rows)
     return reflected[:, 1:]

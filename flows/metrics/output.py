@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch.func import hessian
 
+from flows.linalg import softmax
+
 OUTPUT_METRICS = ("identity", "fisher", "ggn", "sampled_fisher")
 _AUTO = {"mse": "identity", "cross_entropy": "fisher"}
 
@@ -42,7 +44,7 @@ def identity_rows(outputs: torch.Tensor) -> torch.Tensor:
 def fisher_rows(logits: torch.Tensor) -> torch.Tensor:
     """rows_b = (diag √p − √p pᵀ)/√B with p = softmax(logits_b); rows_bᵀ rows_b = (diag p − ppᵀ)/B."""
     b = logits.shape[0]
-    p = torch.softmax(logits, dim=-1)
+    p = softmax(logits)
     sqrt_p = p.sqrt()
     return (torch.diag_embed(sqrt_p) - sqrt_p[:, :, None] * p[:, None, :]) / b**0.5
 
@@ -75,7 +77,7 @@ def ggn_rows(outputs: torch.Tensor, targets: torch.Tensor, loss_fn) -> torch.Ten
 def sampled_fisher_rows(logits: torch.Tensor, probes: int, seed: int = 0) -> torch.Tensor:
     """rows (e_k − p)/√(rB) for r probes k ~ softmax(logits_b) per sample (non-smooth in θ; see module doc)."""
     b, c = logits.shape
-    p = torch.softmax(logits, dim=-1)
+    p = softmax(logits)
     u = torch.rand(b, probes, generator=torch.Generator().manual_seed(seed), dtype=p.dtype).to(p.device)
     k = torch.searchsorted(p.cumsum(-1).detach(), u).clamp_max(c - 1)
     onehot = torch.nn.functional.one_hot(k, c).to(p.dtype)
