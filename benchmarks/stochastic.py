@@ -12,16 +12,18 @@ Digits MLP 64-32-10 (tanh, cross-entropy, float64) on all 1 797 training samples
      per-sample gradients of all n samples (Σ(θ) exact), no recording.
    The per-path cost ratio sde / sgd (both run 16 paths) is the headline; target ≤ 2×.
 2. What an SDE step costs, per step for all 16 paths: the Euler step −dt∇L + √(η/b)·D dW from one weighted
-   backward pass (what simulate_sde runs for Euler); ∇L and D dW apart (a two-cotangent backward pass, the route of
-   any other drift), vmapped over paths and looped over paths; the full-batch gradient alone (the drift of the
-   deterministic flow, a lower bound); the explicit per-sample factor via ``problem.sample_grads`` (memory n × N per
-   path) on a 32-sample subsample, looped over paths; SGD's 16 minibatch gradients; and one Brownian increment
-   (16 × 1 797 normals) from a torchsde BrownianInterval and from flows' SequentialBrownian, which simulate_sde uses
-   for fixed-step Euler.
+   backward pass (what simulate_sde runs for Euler), by the structured chain sweep the MLP takes
+   (``Problem.weighted_gradients`` → ``LinearChain.weighted_gradients``) and by the vmapped autograd pullback any
+   other model takes (the same MLP inside an ``nn.Sequential`` subclass, which the chain reader leaves alone); ∇L and
+   D dW apart (two weightings, the route of any other drift) by both routes, and the pullback looped over paths; the
+   full-batch gradient alone (``problem.grad``, vmapped over paths: the drift of the deterministic flow); the
+   explicit per-sample factor via ``problem.sample_grads`` (memory n × N per path) on a 32-sample subsample, looped
+   over paths; SGD's 16 minibatch gradients; and one Brownian increment (16 × 1 797 normals) from a torchsde
+   BrownianInterval and from flows' SequentialBrownian, which simulate_sde uses for fixed-step Euler.
 
 Note what is compared: an SDE step evaluates the full-batch drift and noise (n = 1 797 samples per path), an SGD step
 a 32-sample gradient, so per sample gradient the SDE does 56× more work; the ratio stays small only because the
-vmapped ensemble step turns 16 small passes into large matrix products.
+ensemble step turns 16 small passes into large matrix products.
 """
 
 from __future__ import annotations
@@ -94,6 +96,12 @@ def main(argv=None) -> int:
     thetas = theta0 + 0.01 * torch.randn(paths, problem.num_params, generator=gen, dtype=torch.float64)
     v = torch.randn(paths, noise.channels, generator=gen, dtype=torch.float64)
     small = MinibatchNoise(problem, subsample=batch)
+
+    class Opaque(torch.nn.Sequential):  # the same MLP, not read as a chain: the vmapped pullback route
+        pass
+
+    opaque = MinibatchNoise(flows.Problem(Opaque(*problem.model), "cross_entropy", (x, y)))
+    assert flows.modules.linear_chain(opaque.problem) is None and flows.modules.linear_chain(problem) is not None
     span = 1e6  # both Brownian motions answer consecutive steps of lr from 0 (far from the end of the span)
     clocks = {"interval": 0.0, "sequential": 0.0}
     interval = torchsde.BrownianInterval(t0=0.0, t1=span, size=(paths, noise.channels), dtype=torch.float64,
@@ -106,10 +114,12 @@ def main(argv=None) -> int:
         return bm(start, clocks[key])
 
     parts = time_each({
-        "euler_step_one_pass_vmapped": lambda: noise.euler_increment(thetas, v, lr, (lr / batch) ** 0.5),
-        "drift_and_noise_vmapped": lambda: noise.gradient_and_product(thetas, v),
-        "drift_and_noise_path_loop": lambda: [noise.gradient_and_product(thetas[i:i + 1], v[i:i + 1])
-                                              for i in range(paths)],
+        "euler_step_chain_sweep": lambda: noise.euler_increment(thetas, v, lr, (lr / batch) ** 0.5),
+        "euler_step_vmapped_pullback": lambda: opaque.euler_increment(thetas, v, lr, (lr / batch) ** 0.5),
+        "drift_and_noise_chain_sweep": lambda: noise.gradient_and_product(thetas, v),
+        "drift_and_noise_vmapped_pullback": lambda: opaque.gradient_and_product(thetas, v),
+        "drift_and_noise_pullback_path_loop": lambda: [opaque.gradient_and_product(thetas[i:i + 1], v[i:i + 1])
+                                                       for i in range(paths)],
         "full_gradient_only_vmapped": lambda: problem.grad(thetas),
         "explicit_factor_subsample32_path_loop": lambda: [small.factor(th) for th in thetas],
         "sgd_minibatch_gradient_x16": lambda: [problem.grad(th, torch.arange(batch)) for th in thetas],

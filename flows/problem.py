@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
-from flows.linalg import KernelProbe, differentiable_kernels
+from flows.linalg import KernelProbe, differentiable_kernels, softmax
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +56,7 @@ def output_gradient(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor)
     if loss_fn is mse:
         return (output - target) / output.shape[0]
     if loss_fn is cross_entropy and output.ndim == 2 and not target.is_floating_point() and target.ndim == 1:
-        p = torch.softmax(output, dim=-1)
+        p = softmax(output)
         return (p - F.one_hot(target, output.shape[1]).to(p.dtype)) / output.shape[0]
     return grad(lambda out: loss_fn(out, target))(output)
 
@@ -479,7 +479,7 @@ class Problem:
         A chain of Linear layers and elementwise activations with the built-in ``mse`` or ``cross_entropy`` loss
         (:func:`flows.modules.linear_chain`, read once per problem) takes a structured route instead: Pearlmutter's
         R-operator as explicit tensor operations, one forward and one backward sweep with the k directions batched
-        in every operation (:mod:`flows.modules.hessian`) — for the digits MLP 64-32-10 at k = 5 about 2× one
+        in every operation (:mod:`flows.modules.chain`) — for the digits MLP 64-32-10 at k = 5 about 2× one
         gradient, against ≈ 3.7× for the double-backward pass (benchmarks/contraction.py). Both results are detached
         (not differentiable further); θ is one parameter vector, not an ensemble.
         """
@@ -514,7 +514,7 @@ class Problem:
         """The model read as a chain of Linear layers and activations (:func:`flows.modules.linear_chain`), once;
         None for any other model or loss."""
         if not hasattr(self, "_chain"):
-            from flows.modules.hessian import linear_chain
+            from flows.modules.chain import linear_chain
 
             self._chain = linear_chain(self)
         return self._chain
@@ -535,6 +535,53 @@ class Problem:
         self.check_sample_losses()
         x, y = self._subset(indices)
         return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(theta, x, y)
+
+    def weighted_gradients(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sums of the per-sample gradients, Σ_i w_i ∇_θ ℓ_i(θ), with ℓ_i the per-sample losses
+        (L = (1/B) Σ_i ℓ_i; :meth:`check_sample_losses`), for one θ or an ensemble and one or k weightings:
+
+            θ (N,)    weights (B,) → (N,)      or  (k, B) → (k, N)
+            θ (P, N)  weights (P, B) → (P, N)  or  (P, k, B) → (P, k, N)
+
+        Uniform weights 1/B give ∇L; centred weights give the minibatch-noise products of :mod:`flows.sde`. Computed
+        without any per-sample gradient (no B × N matrix): Σ_i w_i ∇ℓ_i = J_yᵀ [w_i ∂ℓ_i/∂y_i]_i, one forward pass
+        and one pullback of the outputs per weighting, with ∂ℓ_i/∂y_i = B ∂L/∂y_i in closed form for the built-in
+        losses (:func:`output_gradient`). A chain of Linear layers and activations with a built-in loss takes the
+        structured sweep of :meth:`flows.modules.LinearChain.weighted_gradients`, which shares every operation
+        between the paths of an ensemble (on the digits MLP with 16 paths over 1 797 samples ≈ 11 against 14 ms for
+        the vmapped pullback, benchmarks/stochastic.py); any other model vmaps the pullback over the paths.
+        The result is detached. Cost: per path one forward pass and k backward passes over the training data.
+        """
+        self._check(theta)
+        self.check_sample_losses()
+        weights = torch.as_tensor(weights).to(theta)
+        batch = tuple(theta.shape[:-1])
+        n = self.batch_size
+        if len(batch) > 1 or weights.ndim not in (len(batch) + 1, len(batch) + 2) \
+                or tuple(weights.shape[:len(batch)]) != batch or weights.shape[-1] != n:
+            raise ValueError(f"weights must have shape {(*batch, n)} or {(*batch, 'k', n)} for θ of shape "
+                             f"{tuple(theta.shape)} and {n} training samples, got {tuple(weights.shape)}")
+        one_weighting = weights.ndim == len(batch) + 1
+        thetas = theta.detach().reshape(-1, self.num_params)
+        w = weights.reshape(thetas.shape[0], -1, n)
+        chain = self._linear_chain()
+        if chain is not None:
+            out = chain.weighted_gradients(thetas, w)
+        else:
+            x, y, loss_fn = self.inputs, self.targets, self.loss_fn
+
+            def one(th, ww):
+                outputs, pull = vjp(lambda t: self._outputs(t, x), th)
+                per_sample = output_gradient(loss_fn, outputs, y) * n  # ∂ℓ_i/∂y_i
+                cotangents = ww.reshape(*ww.shape, *([1] * (per_sample.ndim - 1))) * per_sample
+                if ww.shape[0] == 1:
+                    return pull(cotangents[0])[0][None]
+                return vmap(pull)(cotangents)[0]
+
+            out = vmap(one)(thetas, w).detach()
+        if one_weighting:
+            out = out[:, 0]
+        return out.reshape(*batch, *out.shape[1:])
 
     def check_sample_losses(self) -> None:
         """Raise a ``ValueError`` unless L is the mean of per-sample losses, L(θ) = (1/B) Σ_i ℓ_i(θ).

@@ -17,8 +17,9 @@ cotangents, or the drift from its own field. :meth:`MinibatchNoise.factor` forms
 :meth:`flows.Problem.sample_grads` for small problems and tests.
 
 Time is the continuous time of the flow: SGD's step k sits at t = kη, so ``dt=lr`` is one SDE step per SGD step.
-An ensemble of P paths runs in one torchsde solve (torchsde's batch dimension), evaluated with
-:func:`torch.func.vmap` over paths; the Brownian motion is seeded, so a run is reproducible: for fixed-step
+An ensemble of P paths runs in one torchsde solve (torchsde's batch dimension), evaluated together
+(:meth:`flows.Problem.weighted_gradients`: a structured sweep shared by the paths for a chain of Linear layers and
+activations, :func:`torch.func.vmap` over paths for any other model); the Brownian motion is seeded, so a run is reproducible: for fixed-step
 Euler–Maruyama its increments are drawn in sequence (:class:`SequentialBrownian`, less than half the cost of an
 interval-tree query), for every other method it is a :class:`torchsde.BrownianInterval`.
 """
@@ -31,13 +32,12 @@ import warnings
 
 import torch
 import torchsde
-from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
 from flows.errors import FlowDivergedError
 from flows.events import as_event
 from flows.metrics import Euclidean, Metric
-from flows.problem import Problem, output_gradient
+from flows.problem import Problem
 from flows.rules import GradientFlow
 from flows.simulate import record_measurements
 from flows.trajectory import Trajectory, describe, versions
@@ -68,11 +68,6 @@ def _count(value, name: str, low: int = 1, high: int | None = None, what: str = 
         bound = f"between {low} and {high}{what}" if high is not None else f"at least {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
-
-
-def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Weights (n,) shaped to broadcast over per-sample tensors (n, …)."""
-    return w.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 class MinibatchNoise:
@@ -115,19 +110,6 @@ class MinibatchNoise:
             self.channels = m
             self._c = math.sqrt((n - 1) / (n * (m - 1)))
         self.subsample = subsample
-        x, y = problem.inputs, problem.targets
-        loss_fn = problem.loss_fn
-
-        def outputs_and_gradients(theta):
-            """The outputs y_i(θ) with their pullback, and (1/n)∂ℓ_i/∂y_i = ∂L/∂y_i: since L = (1/n)Σ ℓ_i with ℓ_i a
-            function of y_i alone (Problem checks both), Σ_i w_i ∇_θℓ_i = J_yᵀ[n w_i ∂L/∂y_i] — the pullback of the
-            outputs with per-sample weighted cotangents, ∂L/∂y in closed form for the built-in losses
-            (:func:`flows.problem.output_gradient`; a softmax instead of per-sample log-softmax passes, 8–17 % of
-            an ensemble step on the digits MLP, benchmarks/stochastic.py)."""
-            out, pull = vjp(lambda th: problem.outputs(th, x), theta)
-            return pull, output_gradient(loss_fn, out, y)
-
-        self._outputs_and_gradients = outputs_and_gradients
 
     # -- explicit factor (small problems, tests) ------------------------------------------------------------------
     def factor(self, theta: torch.Tensor) -> torch.Tensor:
@@ -141,46 +123,31 @@ class MinibatchNoise:
         return f.T @ f
 
     # -- the solver's product ----------------------------------------------------------------------------------
+    def _noise_weights(self, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Per-sample weights of D v for increments v (P, m): scale·c (v_i − v̄) on the samples of S, zero elsewhere."""
+        w = (v - v.mean(-1, keepdim=True)) * (scale * self._c)
+        if self.indices is None:
+            return w
+        return torch.zeros(*v.shape[:-1], self.problem.batch_size, dtype=v.dtype, device=v.device
+                           ).index_copy(-1, self.indices, w)
+
     def gradient_and_product(self, theta: torch.Tensor, v: torch.Tensor, need_gradient: bool = True):
-        """(∇L(θ), D(θ) v) for paths θ (P, N) and Brownian increments v (P, m), from one backward pass per path.
+        """(∇L(θ), D(θ) v) for paths θ (P, N) and Brownian increments v (P, m), from one forward and two backward
+        passes per path (:meth:`flows.Problem.weighted_gradients` with the weights 1/n and c (v_i − v̄)).
 
         Returns ∇L as None when ``need_gradient`` is False (a drift that does not use it)."""
-        n = self.problem.batch_size
-        idx = self.indices
-        c = self._c * n  # weights on n·∂L/∂y_i = ∂ℓ_i/∂y_i
-
-        def one(th, vv):
-            pull, g_out = self._outputs_and_gradients(th)
-            w = (vv - vv.mean()) * c
-            if idx is not None:
-                w = torch.zeros(n, dtype=vv.dtype, device=vv.device).index_copy(0, idx, w)
-            weighted = _per_sample(w, g_out) * g_out
-            if not need_gradient:
-                return pull(weighted)[0]
-            return vmap(pull)(torch.stack([g_out, weighted]))[0]
-
-        out = vmap(one)(theta, v)
+        noise = self._noise_weights(v, 1.0)
         if not need_gradient:
-            return None, out
-        return out[:, 0], out[:, 1]
+            return None, self.problem.weighted_gradients(theta, noise)
+        both = torch.stack([torch.full_like(noise, 1.0 / self.problem.batch_size), noise], dim=-2)
+        out = self.problem.weighted_gradients(theta, both)
+        return out[..., 0, :], out[..., 1, :]
 
     def euler_increment(self, theta: torch.Tensor, v: torch.Tensor, dt: float, scale: float) -> torch.Tensor:
-        """−dt ∇L(θ) + scale · D(θ) v, an Euler–Maruyama step before G⁻¹, from ONE backward pass per path: the
-        weights −dt/n + scale·c (v_i − v̄) on the per-sample losses (a third cheaper than ∇L and Dv separately)."""
-        n = self.problem.batch_size
-        idx = self.indices
-        c = scale * self._c * n  # weights on n·∂L/∂y_i = ∂ℓ_i/∂y_i, so −dt/n becomes −dt
-
-        def one(th, vv):
-            pull, g_out = self._outputs_and_gradients(th)
-            w = (vv - vv.mean()) * c
-            if idx is None:
-                w = w - dt
-            else:
-                w = torch.full((n,), -dt, dtype=vv.dtype, device=vv.device).index_add(0, idx, w)
-            return pull(_per_sample(w, g_out) * g_out)[0]
-
-        return vmap(one)(theta, v)
+        """−dt ∇L(θ) + scale · D(θ) v, an Euler–Maruyama step before G⁻¹, from ONE forward and ONE backward pass
+        per path: the weights −dt/n + scale·c (v_i − v̄) on the per-sample gradients
+        (:meth:`flows.Problem.weighted_gradients`; a third cheaper than ∇L and Dv apart)."""
+        return self.problem.weighted_gradients(theta, self._noise_weights(v, scale) - dt / self.problem.batch_size)
 
     def describe(self) -> dict:
         return {"name": "MinibatchNoise", "subsample": self.subsample, "seed": self.seed, "channels": self.channels}
@@ -524,8 +491,8 @@ def simulate_sde(
 
     Cost per step (Euler, drift −G⁻¹∇L, minibatch noise): one forward and one backward pass over the training data per
     path — the cost of a full-batch gradient — one metric solve per path, and a Brownian increment of P × n normals.
-    Memory never holds an N × n matrix. The P paths are evaluated together (vmap; 1.6× faster than a loop over paths
-    on the digits MLP).
+    Memory never holds an N × n matrix. The P paths are evaluated together (:meth:`flows.Problem.weighted_gradients`;
+    the vmapped route alone is 1.6× faster than a loop over paths on the digits MLP).
     """
     lr = _positive(lr, "lr")
     drift, problem, metric, fused = _drift_of(field, metric)

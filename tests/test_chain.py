@@ -1,5 +1,6 @@
-"""The R-operator Hessian–vector sweep of Linear/activation chains (flows.modules.hessian, issue 14) against dense
-references: ∇L and ∇²L·V from ``torch.func.jacrev(problem.grad)``; and the models it must leave to autograd."""
+"""Structured sweeps of Linear/activation chains (flows.modules.chain) against dense references: the R-operator
+Hessian–vector sweep (issue 14) against ``torch.func.jacrev(problem.grad)``, the ensemble's weighted per-sample
+gradients (issue 13) against the dense per-sample Jacobian; and the models both leave to autograd."""
 
 import pytest
 import torch
@@ -138,3 +139,82 @@ def test_other_models_and_losses_keep_the_autograd_route(name, problem):
     vectors = torch.randn(problem.num_params, 3, generator=gen, dtype=torch.float64)
     assert chain_hessian_products(problem, theta, vectors) is None
     _dense_check(problem, theta, vectors, *problem.hessian_products(theta, vectors))
+
+
+# -- weighted sums of per-sample gradients, Σ_i w_i ∇ℓ_i(θ_p) (sweep 2) ----------------------------------------------
+def _per_sample_jacobian(problem, theta):
+    """(B, N): row i is ∇ℓ_i(θ), ℓ_i the loss of sample i alone, by torch.func.jacrev through the outputs (no
+    library sweep, no per-sample vmap)."""
+    def losses(th):
+        out = problem.outputs(th, problem.inputs)
+        return torch.stack([problem.loss_fn(out[i:i + 1], problem.targets[i:i + 1])
+                            for i in range(problem.batch_size)])
+    return torch.func.jacrev(losses)(theta)
+
+
+def _weighted_check(problem, thetas, weights, result):
+    """result[p, j] = Σ_i w[p, j, i] ∇ℓ_i(θ_p) to 1e-10 relative per row, against the dense per-sample Jacobian."""
+    for p in range(thetas.shape[0]):
+        reference = weights[p] @ _per_sample_jacobian(problem, thetas[p])
+        error = (result[p] - reference).norm(dim=-1)
+        assert bool((error <= 1e-10 * reference.norm(dim=-1)).all()), (error / reference.norm(dim=-1)).max()
+
+
+@settings(max_examples=30, deadline=None)
+@given(act=st.sampled_from(sorted(ACTS)), loss=st.sampled_from(["cross_entropy", "mse"]), bias=st.booleans(),
+       depth=st.sampled_from([1, 2, 3]), paths=st.sampled_from([1, 3]), k=st.sampled_from([1, 2]),
+       seed=st.integers(0, 10_000))
+def test_chain_weighted_gradients_equal_the_dense_per_sample_gradients(act, loss, bias, depth, paths, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {1: [4, 3], 2: [4, 5, 3], 3: [4, 5, 6, 3]}[depth]
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias, dtype=torch.float64))
+        if i < len(sizes) - 2:
+            layers.append(ACTS[act]())
+    x, y = _data(loss, 9, sizes[0], sizes[-1], gen)
+    problem = flows.Problem(nn.Sequential(*layers), loss, (x, y))
+    thetas = problem.theta0 + 0.5 * torch.randn(paths, problem.num_params, generator=gen, dtype=torch.float64)
+    weights = torch.randn(paths, k, 9, generator=gen, dtype=torch.float64)
+    result = problem.weighted_gradients(thetas, weights)
+    assert result.shape == (paths, k, problem.num_params)
+    _weighted_check(problem, thetas, weights, result)
+    sweep = linear_chain(problem).weighted_gradients(thetas, weights)  # the structured route is the one taken
+    torch.testing.assert_close(result, sweep, rtol=0, atol=0)
+
+
+def test_weighted_gradients_shapes_uniform_weights_and_glue():
+    """Every accepted shape; weights 1/B give ∇L; the glue of the Hessian test (nested Sequential, Identity, flows'
+    own modules, activations before the first and after the last Linear layer) on the structured route."""
+    gen = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Sigmoid(), nn.Sequential(flows.modules.Linear(3, 4), flows.modules.Softplus()),
+                          nn.Identity(), nn.Linear(4, 2, bias=False, dtype=torch.float64), nn.Tanh())
+    problem = flows.Problem(model, "mse", _data("mse", 8, 3, 2, gen))
+    assert linear_chain(problem) is not None
+    thetas = problem.theta0 + 0.3 * torch.randn(2, problem.num_params, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    both = problem.weighted_gradients(thetas, weights)
+    _weighted_check(problem, thetas, weights, both)
+    torch.testing.assert_close(problem.weighted_gradients(thetas, weights[:, 0]), both[:, 0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(problem.weighted_gradients(thetas[1], weights[1]), both[1], rtol=1e-13, atol=0)
+    torch.testing.assert_close(problem.weighted_gradients(thetas[1], weights[1, 2]), both[1, 2], rtol=1e-13, atol=0)
+    uniform = torch.full((8,), 1 / 8, dtype=torch.float64)
+    torch.testing.assert_close(problem.weighted_gradients(thetas[0], uniform), problem.grad(thetas[0]),
+                               rtol=1e-12, atol=1e-15)
+    for bad in (torch.ones(7), torch.ones(3, 8), torch.ones(2, 3, 4, 8)):
+        with pytest.raises(ValueError, match=r"weights must have shape \(2, 8\) or \(2, 'k', 8\)"):
+            problem.weighted_gradients(thetas, bad)
+
+
+@pytest.mark.parametrize("name,problem", list(_other_problems()), ids=lambda v: v if isinstance(v, str) else "")
+def test_other_models_weighted_gradients_by_the_vmapped_pullback(name, problem):
+    gen = torch.Generator().manual_seed(12)
+    thetas = problem.theta0 + 0.1 * torch.randn(2, problem.num_params, generator=gen, dtype=torch.float64)
+    weights = torch.randn(2, 2, problem.batch_size, generator=gen, dtype=torch.float64)
+    if name == "mse targets (B,)":  # (B, 1) outputs against (B,) targets broadcast to B × B: no per-sample losses
+        with pytest.raises(ValueError, match="not the mean of per-sample losses"):
+            problem.weighted_gradients(thetas, weights)
+        return
+    _weighted_check(problem, thetas, weights, problem.weighted_gradients(thetas, weights))
+    _weighted_check(problem, thetas, weights[:, :1], problem.weighted_gradients(thetas, weights[:, 0])[:, None])

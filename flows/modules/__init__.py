@@ -13,19 +13,20 @@ Layout (one concept per file):
     manifolds.py      retractions: the parameter manifold of a module
     graph.py          reading a model as a DAG with torch.fx: module, parameter and glue nodes, in graph order
     sweep.py          the backward sweep of costates and factor rows, summed over consumers
-    hessian.py        exact Hessian–vector products of Linear/activation chains by the R-operator (Pearlmutter)
+    chain.py          structured sweeps of Linear/activation chains: Hessian–vector products (R-operator,
+                      Pearlmutter) and weighted per-sample gradients of an ensemble
 
 Public surface: ``read(model) → ModuleGraph`` (``.nodes``, ``.module_nodes``, ``.forward(params, x) → Trace``),
 ``backward(graph, trace, rows, visit)``, ``costates(problem, θ)``, the module classes and the retractions.
 """
 
 from flows.modules.activations import ACTIVATIONS, Activation, ActivationOps, ReLU, Sigmoid, Softplus, Tanh
+from flows.modules.chain import LinearChain, chain_hessian_products, linear_chain
 from flows.modules.composition import Chain, Function, Parallel
 from flows.modules.conv import ConvOps
 from flows.modules.embedding import EmbeddingOps
 from flows.modules.generic import GenericOps
 from flows.modules.graph import ModuleGraph, Node, Trace, read
-from flows.modules.hessian import LinearChain, chain_hessian_products, linear_chain
 from flows.modules.linear import Linear, LinearOps
 from flows.modules.manifolds import retract, retraction, sphere_retract
 from flows.modules.normalisation import NormOps
