@@ -19,9 +19,9 @@ cotangents, or the drift from its own field. :meth:`MinibatchNoise.factor` forms
 Time is the continuous time of the flow: SGD's step k sits at t = kη, so ``dt=lr`` is one SDE step per SGD step.
 An ensemble of P paths runs in one torchsde solve (torchsde's batch dimension), evaluated together
 (:meth:`flows.Problem.weighted_gradients`: a structured sweep shared by the paths for a chain of Linear layers and
-activations, :func:`torch.func.vmap` over paths for any other model); the Brownian motion is seeded, so a run is reproducible: for fixed-step
-Euler–Maruyama its increments are drawn in sequence (:class:`SequentialBrownian`, less than half the cost of an
-interval-tree query), for every other method it is a :class:`torchsde.BrownianInterval`.
+activations, :func:`torch.func.vmap` over paths for any other model). The Brownian motion is seeded, so a run is
+reproducible: for fixed-step Euler–Maruyama its increments are drawn in sequence (:class:`SequentialBrownian`, less
+than half the cost of an interval-tree query), for every other method it is a :class:`torchsde.BrownianInterval`.
 """
 
 from __future__ import annotations
