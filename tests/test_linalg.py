@@ -1,12 +1,13 @@
 """flows.linalg: the panel-wise K Kᵀ equals the plain product, also batched and under vmap; the composite softmax and
 norms equal torch's and have every derivative right."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.linalg import GRAM_MIN_ROWS, SOFTMAX_MAX_CLASSES, SOFTMAX_MIN_ROWS, gram, softmax
+from flows.linalg import GRAM_MIN_ROWS, SOFTMAX_MAX_CLASSES, SOFTMAX_MIN_ROWS, gram, softmax, spd_solve
 
 
 @given(d=st.integers(1, 2 * GRAM_MIN_ROWS + 37), n=st.integers(1, 40), seed=st.integers(0, 2**16))
@@ -105,3 +106,19 @@ def test_composed_norms_swaps_the_functional_norms_and_restores_them_once_on_the
         mean, var = torch.zeros(3, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
         torch.testing.assert_close(F.instance_norm(x, mean, var, use_input_stats=False), x / (2.0 + 1e-5) ** 0.5)
     assert F.layer_norm is fused_layer and F.instance_norm is fused_instance
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_spd_solve_solves_and_refuses_an_indefinite_matrix(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, n + 2, dtype=torch.float64, generator=gen)
+    a = f @ f.T + 1e-3 * torch.eye(n, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64, generator=gen) if k is None else torch.randn(n, k, dtype=torch.float64,
+                                                                                          generator=gen)
+    x = spd_solve(a, b)
+    assert x.shape == b.shape
+    torch.testing.assert_close(a @ x, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    bad = a - 2 * float(torch.linalg.eigvalsh(a)[-1]) * torch.eye(n, dtype=torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        spd_solve(bad, b)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from flows.linalg import spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import NaturalGradient
 
@@ -32,7 +33,7 @@ class BlockDiagonal(Metric):
     def _solve_one(self, theta, v):
         out = torch.zeros_like(v)
         for sl, g in self._blocks_dense(theta):
-            out[sl] = torch.cholesky_solve(v[sl][:, None], torch.linalg.cholesky(g))[:, 0]
+            out[sl] = spd_solve(g, v[sl])
         return out
 
     def solve(self, theta, v):

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flows.linalg import spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.layerwise import Layerwise
 from flows.modules import ConvOps, LinearOps, backward
@@ -261,14 +262,14 @@ class KFAC(Metric):
 
     # -- Metric interface ---------------------------------------------------------------------------------
     def _solve_kron(self, f: KroneckerFactors, v):
-        m = torch.cholesky_solve(self._as_matrix(f, v), torch.linalg.cholesky(f.s_damped))
+        m = spd_solve(f.s_damped, self._as_matrix(f, v))
         if f.a_rows is None:
-            m = torch.cholesky_solve(m.T, torch.linalg.cholesky(f.a_damped)).T
+            m = spd_solve(f.a_damped, m.T).T
         else:  # Woodbury through the few rows of Ω = ZᵀZ
             z, gamma_a = f.a_rows, f.gamma_a
             inner = z @ z.T
             inner.diagonal().add_(gamma_a)
-            u = torch.cholesky_solve((m @ z.T).T, torch.linalg.cholesky(inner)).T
+            u = spd_solve(inner, (m @ z.T).T).T
             m = (m - u @ z) / gamma_a
         return self._from_matrix(f, m)
 
@@ -276,9 +277,9 @@ class KFAC(Metric):
         d, n = k.shape
         if n < d:
             gram = k.T @ k + self.damping * _eye(n, k)
-            return torch.cholesky_solve(v[:, None], torch.linalg.cholesky(gram))[:, 0]
+            return spd_solve(gram, v)
         inner = k @ k.T + self.damping * _eye(d, k)
-        u = torch.cholesky_solve((k @ v)[:, None], torch.linalg.cholesky(inner))[:, 0]
+        u = spd_solve(inner, k @ v)
         return (v - k.T @ u) / self.damping
 
     def _solve_found(self, found, vectors):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.linalg import gram, softmax
+from flows.linalg import gram, softmax, spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import check_separable, output_rows, resolve_output
@@ -296,9 +296,7 @@ class Layerwise(Metric):
                 continue
             inner, rhs, finish = item
             inner.diagonal().add_(self.mu)
-            chol = torch.linalg.cholesky(inner)
-            u = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
-            out[i] = finish(u)
+            out[i] = finish(spd_solve(inner, rhs))
         return out
 
     def _solve_dense_factor(self, name, k, g):
@@ -306,11 +304,11 @@ class Layerwise(Metric):
         mass = self._mass.get(name)
         if self._use_primal(n, d):
             gmat = k.T @ k + (torch.diag(mass) if mass is not None else self.mu * _eye(n, g))
-            return torch.cholesky_solve(g[:, None], torch.linalg.cholesky(gmat))[:, 0]
+            return spd_solve(gmat, g)
         d_inv = 1.0 / mass if mass is not None else torch.full_like(g, 1.0 / self.mu)
         k_scaled = k * d_inv  # K D⁻¹
         inner = _eye(d, g) + k_scaled @ k.T  # I + K D⁻¹ Kᵀ
-        u = torch.cholesky_solve((k_scaled @ g)[:, None], torch.linalg.cholesky(inner))[:, 0]
+        u = spd_solve(inner, k_scaled @ g)
         return d_inv * g - k_scaled.T @ u
 
     # -- Metric interface ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, vmap
 
+from flows.linalg import spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched
 from flows.metrics.output import check_separable, output_rows, resolve_output
 
@@ -89,8 +90,7 @@ class NaturalGradient(Metric):
     def _solve_one(self, theta, v):
         k = self.factor(theta)
         inner = k @ k.T + self.mu * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
-        chol = torch.linalg.cholesky(inner)
-        u = torch.cholesky_solve((k @ v)[:, None], chol)[:, 0]
+        u = spd_solve(inner, k @ v)
         return (v - k.T @ u) / self.mu
 
     def solve(self, theta, v):
