@@ -374,10 +374,15 @@ class Problem:
 
     # -- flat view -------------------------------------------------------------------------------
     def _check(self, theta: torch.Tensor) -> None:
+        if theta.ndim == 0:
+            raise ValueError(f"theta must have shape (N,) or (..., N) with N = {self.num_params}, got a scalar")
         if theta.shape[-1] != self.num_params:
             raise ValueError(
                 f"theta has length {theta.shape[-1]} but the problem has {self.num_params} parameters"
             )
+        if theta.dtype != self.dtype:
+            raise ValueError(f"theta has dtype {theta.dtype} but the problem's parameters and data are {self.dtype}; "
+                             f"convert it with theta.to({self.dtype})")
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of θ (shape ``(..., N)``) as the model's named parameters, batch dimensions in front."""
@@ -562,6 +567,8 @@ class Problem:
             raise ValueError(f"weights must have shape {(*batch, n)} or {(*batch, 'k', n)} for θ of shape "
                              f"{tuple(theta.shape)} and {n} training samples, got {tuple(weights.shape)}")
         one_weighting = weights.ndim == len(batch) + 1
+        if weights.numel() == 0:  # no paths or no weightings: nothing to sum
+            return theta.new_zeros(*weights.shape[:-1], self.num_params)
         thetas = theta.detach().reshape(-1, self.num_params)
         w = weights.reshape(thetas.shape[0], -1, n)
         chain = self._linear_chain()

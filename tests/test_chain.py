@@ -202,6 +202,8 @@ def test_weighted_gradients_shapes_uniform_weights_and_glue():
     uniform = torch.full((8,), 1 / 8, dtype=torch.float64)
     torch.testing.assert_close(problem.weighted_gradients(thetas[0], uniform), problem.grad(thetas[0]),
                                rtol=1e-12, atol=1e-15)
+    assert problem.weighted_gradients(thetas[:0], weights[:0]).shape == (0, 3, problem.num_params)  # empty: zeros
+    assert problem.weighted_gradients(thetas, weights[:, :0]).shape == (2, 0, problem.num_params)
     for bad in (torch.ones(7), torch.ones(3, 8), torch.ones(2, 3, 4, 8)):
         with pytest.raises(ValueError, match=r"weights must have shape \(2, 8\) or \(2, 'k', 8\)"):
             problem.weighted_gradients(thetas, bad)

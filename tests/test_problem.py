@@ -96,6 +96,11 @@ def test_bad_inputs_name_the_sizes():
     problem = flows.Problem(model, "mse", _data(4, 3, 2))
     with pytest.raises(ValueError, match="length 5 but the problem has 8"):
         problem.loss(torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"theta has dtype torch.float32 but the problem's parameters and data are "
+                                         r"torch.float64; convert it with theta.to\(torch.float64\)"):
+        problem.grad(torch.zeros(8, dtype=torch.float32))
+    with pytest.raises(ValueError, match="got a scalar"):
+        problem.loss(torch.tensor(0.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         flows.Problem(model, "hinge", _data(4, 3, 2))
 
