@@ -33,7 +33,8 @@ by one forward and one backward pass in which the P paths share the operations: 
 inputs, so its P weight matrices are one (P·out) × in matrix and z_1 = x W_1ᵀ one matrix product for all paths (its
 weight gradients likewise, xᵀδ); deeper layers are batched products over the paths. Cost: P gradients' flops,
 O(P·B·Σ in_l·out_l), in a number of operations fixed per layer; on the digits MLP 64-32-10 with P = 16 paths over
-all 1 797 samples about 11 ms against 14 ms for the same product vmapped over the paths through autograd
+all 1 797 samples one Euler–Maruyama step takes 12.2 ms against 13.8 ms for the same product vmapped over the paths
+through autograd, and inside the solve the SDE's cost per path fell from 2.22× to 1.48× SGD's
 (benchmarks/stochastic.py, 2 threads).
 """
 
@@ -186,7 +187,6 @@ class LinearChain:
             g = torch.cat([grads[n].reshape(-1) for n in names])
             products = torch.cat([prods[n].reshape(k, -1) for n in names], dim=1)
         return g, products
-
 
     def weighted_gradients(self, thetas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_i w_{p,j,i} ∇_θ ℓ_i(θ_p) of shape (P, k, N), for an ensemble θ of shape (P, N) and k weightings of the
