@@ -196,6 +196,56 @@ def test_structured_convolutions_equal_the_generic_path_and_the_dense_blocks():
     assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
 
 
+class _Shapes(nn.Module):
+    """Every data-movement glue ShapeOps covers, between two Linear layers: view, permute, nn.Unflatten, transpose,
+    contiguous, torch.flatten, reshape and nn.Flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 2)
+        self.unflatten, self.flatten = nn.Unflatten(1, (2, 3, 2)), nn.Flatten()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).view(-1, 3, 4).permute(0, 2, 1)  # (B, 4, 3)
+        h = self.unflatten(torch.flatten(h, 1)).transpose(1, 3).contiguous()  # (B, 2, 3, 2)
+        return self.b(self.flatten(h.reshape(-1, 6, 2)))
+
+
+def test_data_movement_glue_pulls_rows_by_the_inverse_permutation():
+    """The structured pull (no derivative) equals the generic per-sample vjps, and both the dense blocks."""
+    torch.manual_seed(5)
+    problem = flows.Problem(_Shapes().double(), "mse", (torch.randn(5, 6, dtype=torch.float64),
+                                                      torch.randn(5, 2, dtype=torch.float64)))
+    v = torch.randn(problem.num_params, dtype=torch.float64)
+    fast = Layerwise(problem, mu=0.3, solver="dual")
+    slow = Layerwise(problem, mu=0.3, solver="dual", structured=False)
+    glue = [n for n in fast.graph.nodes if n.kind == "glue" and n.name != "tanh"]
+    assert len(glue) == 8 and all(type(n.ops).__name__ == "ShapeOps" for n in glue), \
+        [(n.name, type(n.ops).__name__) for n in glue]
+    assert all(type(n.ops).__name__ == "GenericOps" for n in slow.graph.nodes if n.kind == "glue" and n.name != "tanh")
+    assert _rel(fast.solve(problem.theta0, v), slow.solve(problem.theta0, v)) <= 1e-12
+    assert _rel(fast.natural_direction(problem.theta0), slow.natural_direction(problem.theta0)) <= 1e-12
+    dense = dense_gauss_newton(problem, problem.theta0, 0.3, mse_loss)
+    expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
+    assert _rel(fast.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+    transpose = next(n for n in glue if n.fx_node.target == "transpose")  # a real permutation, not a reshape
+    assert isinstance(transpose.ops.inverse_permutation(torch.Size([2, 3, 2]), "cpu"), torch.Tensor)
+
+
+def test_glue_that_is_not_a_permutation_keeps_the_generic_path():
+    from flows.modules import GenericOps, ShapeOps
+
+    def doubled(p, ins):  # repeats every entry: not a permutation, so the Jacobian is not one either
+        return ins[0].repeat(1, 2)
+
+    ops = ShapeOps(doubled, GenericOps(doubled, [True], True))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    rows = torch.randn(3, 2, 8, dtype=torch.float64)
+    assert ops.inverse_permutation(torch.Size([4]), "cpu") is False
+    expected = rows[:, :, :4] + rows[:, :, 4:]  # y = (x, x) pulls back as the sum of the two halves
+    torch.testing.assert_close(ops.pull({}, [x], rows, [True])[0][0], expected, rtol=0, atol=1e-15)
+
+
 class _Tokens(nn.Module):
     """Embedding → LayerNorm over tokens → GroupNorm over channels → Linear."""
 

@@ -8,6 +8,8 @@ Layout (one concept per file):
     conv.py           Conv1d/Conv2d: K from unfolded patches, input rows by transposed convolution
     normalisation.py  LayerNorm/GroupNorm affine parameters
     embedding.py      Embedding: K by scatter-add into the vocabulary
+    shape.py          reshapes and permutations of each sample (flatten, view, transpose, …): rows by the inverse
+                      permutation
     generic.py        any node by per-sample vjps (torch.func): attention, normalisation, embeddings, glue
     composition.py    Chain (series), Parallel (direct sum), Function (any per-sample map with parameters)
     manifolds.py      retractions: the parameter manifold of a module
@@ -30,9 +32,10 @@ from flows.modules.graph import ModuleGraph, Node, Trace, read
 from flows.modules.linear import Linear, LinearOps
 from flows.modules.manifolds import retract, retraction, sphere_retract
 from flows.modules.normalisation import NormOps
+from flows.modules.shape import ShapeOps
 from flows.modules.sweep import Costate, backward, costates, node_gradient
 
 __all__ = ["ACTIVATIONS", "Activation", "ActivationOps", "Chain", "ConvOps", "Costate", "EmbeddingOps", "Function",
            "GenericOps", "Linear", "LinearChain", "LinearOps", "ModuleGraph", "Node", "NormOps", "Parallel", "ReLU",
-           "Sigmoid", "Softplus", "Tanh", "Trace", "backward", "chain_hessian_products", "costates", "linear_chain",
-           "node_gradient", "read", "retract", "retraction", "sphere_retract"]
+           "ShapeOps", "Sigmoid", "Softplus", "Tanh", "Trace", "backward", "chain_hessian_products", "costates",
+           "linear_chain", "node_gradient", "read", "retract", "retraction", "sphere_retract"]

@@ -33,6 +33,8 @@ from flows.modules.generic import GenericOps
 from flows.modules.linear import LinearOps
 from flows.modules.normalisation import NormOps
 from flows.modules.normalisation import supports as norm_supports
+from flows.modules.shape import ShapeOps
+from flows.modules.shape import supports as shape_supports
 
 
 @dataclass
@@ -202,8 +204,10 @@ class ModuleGraph:
             return Node(fx_node.name, "glue", None, inputs, (), batched, needs_rows,
                         ActivationOps(TORCH_FUNCTIONS[fx_node.target]), fx_node)
         module = fx_node.target if fx_node.op == "call_module" else None
-        return Node(fx_node.name, "glue", module, inputs, (), batched, needs_rows,
-                    GenericOps(fn, [u.batched for u in upstream], batched), fx_node)
+        generic = GenericOps(fn, [u.batched for u in upstream], batched)
+        if structured and len(inputs) == 1 and batched and upstream[0].batched and shape_supports(fx_node, model):
+            return Node(fx_node.name, "glue", module, inputs, (), batched, needs_rows, ShapeOps(fn, generic), fx_node)
+        return Node(fx_node.name, "glue", module, inputs, (), batched, needs_rows, generic, fx_node)
 
     @staticmethod
     def _callable(fx_node, model, inputs):
