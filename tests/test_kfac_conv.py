@@ -163,10 +163,11 @@ def test_kfc_factors_of_a_small_cnn_match_hand_patches_and_jacobians():
     assert _rel(kfac.natural_direction(problem.theta0), kfac.solve(problem.theta0, g)) <= 1e-10
 
 
-def test_kfc_factors_of_a_conv1d_without_bias():
+@pytest.mark.parametrize("channels", [3, 8])  # Γ by per-row products (5 positions ≥ 3 channels) and by one GEMM
+def test_kfc_factors_of_a_conv1d_without_bias(channels):
     torch.manual_seed(2)
-    conv = nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2, bias=False, dtype=F64)
-    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5, 4, dtype=F64))
+    conv = nn.Conv1d(2, channels, 3, stride=2, padding=2, dilation=2, bias=False, dtype=F64)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(channels * 5, 4, dtype=F64))
     x = torch.randn(5, 2, 9, dtype=F64)
     targets = torch.tensor([0, 1, 2, 3, 1])
     problem = flows.Problem(model, "cross_entropy", (x, targets))
@@ -174,7 +175,7 @@ def test_kfc_factors_of_a_conv1d_without_bias():
     w, head_w, head_b = conv.weight.detach(), model[3].weight.detach(), model[3].bias.detach()
     u = _hand_patches_1d(x, 3, 2, 2, 2)
     z = F.conv1d(x, w, stride=2, padding=2, dilation=2)
-    assert torch.allclose((u @ w.reshape(3, -1).T).transpose(1, 2), z, atol=1e-13)
+    assert torch.allclose((u @ w.reshape(channels, -1).T).transpose(1, 2), z, atol=1e-13)
 
     def tail(zz):
         return F.linear(torch.tanh(zz).flatten(1), head_w, head_b)

@@ -166,18 +166,24 @@ class KFAC(Metric):
                "padding given as sizes, one group) have one; use fallback='exact' for its exact damped block"
 
     # -- the factors --------------------------------------------------------------------------------------
-    def _kronecker(self, node, ins, rows, lam=None):
-        """Ω and Γ of one Linear / convolution node from its input and the factor rows at its output; with the
-        costate ``lam`` at its output also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from the same
-        patches."""
-        b, r = rows.shape[:2]
+    def _kronecker(self, node, ins, at, r, costate=False):
+        """Ω and Γ of one Linear / convolution node from its input and the factor rows ``at[:, :r]`` at its output;
+        with ``costate`` (λ the row ``at[:, r]``) also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from
+        the same patches."""
+        b = at.shape[0]
+        rows, lam = at[:, :r], (at[:, r] if costate else None)
         bias = len(node.param_names) == 2
+        s = None
         if isinstance(node.ops, ConvOps):
             u = node.ops.patches(ins[0])  # (B, C_in·k, |T|)
             out, positions = node.ops.out_channels, u.shape[-1]
             # one GEMM each over all (sample, position) pairs: a copy to (B|T|, m) beats einsum's own path
             x = u.transpose(1, 2).reshape(b * positions, -1)
-            lf = rows.reshape(b * r, out, positions).transpose(1, 2).reshape(-1, out)
+            if positions >= out:  # Γ from one batched product per row of the whole (contiguous) block, no copy
+                full = at.reshape(b * at.shape[1], out, positions)
+                s = torch.bmm(full, full.mT).view(b, -1, out, out)[:, :r].sum((0, 1)) / positions
+            else:
+                lf = rows.reshape(b * r, out, positions).transpose(1, 2).reshape(-1, out)
             if lam is not None:
                 lam = lam.reshape(b, out, positions).transpose(1, 2).reshape(-1, out)
             form = "kfc"
@@ -191,7 +197,8 @@ class KFAC(Metric):
             form = "kfac"
         if bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        s = lf.T @ lf / positions
+        if s is None:
+            s = lf.T @ lf / positions
         m = x.shape[1]
         if x.shape[0] < m:  # Ω = ZᵀZ by its rows, tr Ω = ‖Z‖²
             z, a = x / b**0.5, None
@@ -222,7 +229,7 @@ class KFAC(Metric):
         def visit(node, ins, p, at, k):
             i = self._kron.get(node.name)
             if i is not None:
-                found[i], grads[i] = self._kronecker(node, ins, at[:, :r], at[:, r] if costate else None)
+                found[i], grads[i] = self._kronecker(node, ins, at, r, costate)
                 return
             k = k if k is not None else node.ops.k_rows(p, ins, at)
             k_rows = k[:, :r].reshape(-1, k.shape[-1])
