@@ -149,8 +149,6 @@ def iterate(
     return traj
 
 
-
-
 def _metadata(update, problem, lr, batch_size, seed, steps, record_every) -> dict:
     meta = {"dynamics": "discrete", "rule": describe(update), "lr": lr, "batch_size": batch_size,
             "seed": int(seed), "steps": steps, "record_every": record_every, "problem": repr(problem),

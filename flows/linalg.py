@@ -75,7 +75,6 @@ def gram(k: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
-
 class KernelProbe(torch.overrides.TorchFunctionMode):
     """Records whether the code run inside it calls a kernel that needs :func:`differentiable_kernels`: attention
     (scaled-dot-product attention, or the fused multi-head path ``nn.MultiheadAttention`` takes without gradients),

@@ -182,8 +182,6 @@ def _check_inputs(theta0, t, method, rtol, atol, problem, field=None):
     return theta0, t, rtol, atol
 
 
-
-
 def simulate(
     field,
     theta0,

@@ -242,7 +242,6 @@ def build(spec: RunSpec):
     return problem, flows.rules.GradientFlow(problem, metric)
 
 
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     before = torch.get_num_threads()

@@ -21,6 +21,16 @@ def _data(loss, samples, inputs, outputs, gen):
     return x, torch.randn(samples, outputs, generator=gen, dtype=torch.float64)
 
 
+def _chain_problem(act, loss, bias, sizes, gen):
+    """An nn.Sequential of Linear layers of ``sizes`` with activation ``act`` between them, on 9 random samples."""
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias, dtype=torch.float64))
+        if i < len(sizes) - 2:
+            layers.append(ACTS[act]())
+    return flows.Problem(nn.Sequential(*layers), loss, _data(loss, 9, sizes[0], sizes[-1], gen))
+
+
 def _dense_check(problem, theta, vectors, g, products):
     """g = ∇L(θ) and products = ∇²L(θ)·V to 1e-10 relative (in norm, per column), against the dense Jacobian of
     the gradient by torch.func.jacrev — a different route (vmapped reverse over reverse through functional_call)."""
@@ -38,14 +48,7 @@ def _dense_check(problem, theta, vectors, g, products):
        depth=st.sampled_from([2, 3]), k=st.sampled_from([1, 5]), seed=st.integers(0, 10_000))
 def test_chain_products_equal_the_dense_hessian(act, loss, bias, depth, k, seed):
     gen = torch.Generator().manual_seed(seed)
-    sizes = [4, 5, 6, 3] if depth == 3 else [4, 5, 3]
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias, dtype=torch.float64))
-        if i < len(sizes) - 2:
-            layers.append(ACTS[act]())
-    x, y = _data(loss, 9, sizes[0], sizes[-1], gen)
-    problem = flows.Problem(nn.Sequential(*layers), loss, (x, y))
+    problem = _chain_problem(act, loss, bias, [4, 5, 6, 3] if depth == 3 else [4, 5, 3], gen)
     theta = problem.theta0 + 0.5 * torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
     vectors = torch.randn(problem.num_params, k, generator=gen, dtype=torch.float64)
     fast = chain_hessian_products(problem, theta, vectors)
@@ -166,14 +169,7 @@ def _weighted_check(problem, thetas, weights, result):
        seed=st.integers(0, 10_000))
 def test_chain_weighted_gradients_equal_the_dense_per_sample_gradients(act, loss, bias, depth, paths, k, seed):
     gen = torch.Generator().manual_seed(seed)
-    sizes = {1: [4, 3], 2: [4, 5, 3], 3: [4, 5, 6, 3]}[depth]
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias, dtype=torch.float64))
-        if i < len(sizes) - 2:
-            layers.append(ACTS[act]())
-    x, y = _data(loss, 9, sizes[0], sizes[-1], gen)
-    problem = flows.Problem(nn.Sequential(*layers), loss, (x, y))
+    problem = _chain_problem(act, loss, bias, {1: [4, 3], 2: [4, 5, 3], 3: [4, 5, 6, 3]}[depth], gen)
     thetas = problem.theta0 + 0.5 * torch.randn(paths, problem.num_params, generator=gen, dtype=torch.float64)
     weights = torch.randn(paths, k, 9, generator=gen, dtype=torch.float64)
     result = problem.weighted_gradients(thetas, weights)
