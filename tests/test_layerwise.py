@@ -224,3 +224,100 @@ def test_module_retraction_keeps_a_sphere_parameter_on_its_manifold():
     moved = retraction(problem)(problem.theta0, step)
     assert float(moved[:2].norm()) == pytest.approx(1.0, rel=1e-14)  # the sphere block stays on the sphere
     assert torch.equal(moved[2:], problem.theta0[2:] + step[2:])  # the Linear block moves in flat space
+
+
+# -- the direction from the coefficients of the output gradient in the factor rows ----------------------------------
+def _no_gradient_pass(monkeypatch):
+    """Make every structured block gradient raise: a direction computed anyway came from K_aᵀc."""
+    from flows.modules import conv, linear
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a block gradient was computed")
+
+    monkeypatch.setattr(linear.LinearOps, "vjp_param", refuse)
+    monkeypatch.setattr(conv.ConvOps, "vjp_param", refuse)
+
+
+@pytest.mark.parametrize("loss,loss_fn", [("mse", mse_loss), ("cross_entropy", ce_loss)])
+def test_direction_from_row_coefficients_needs_no_gradient_and_is_the_dense_solve(loss, loss_fn, monkeypatch):
+    problem = _mlp_problem([5, 9, 8, 4], b=6, loss=loss)
+    g = problem.grad(problem.theta0)
+    expected, _ = _reference_solve(problem, 0.05, loss_fn, g)
+    _no_gradient_pass(monkeypatch)
+    for solver in ("dual", "primal"):
+        metric = Layerwise(problem, mu=0.05, solver=solver)
+        assert _rel(metric.natural_direction(problem.theta0), expected) <= 1e-10
+    grouped = Layerwise(problem, mu=0.05, blocks=[["0.*", "2.*"], ["4.*"]])  # collected, not direct, blocks
+    slices = [b.slice for b in problem.group_blocks([["0.*", "2.*"], ["4.*"]])]
+    assert _rel(grouped.natural_direction(problem.theta0), _reference_solve(problem, 0.05, loss_fn, g, slices)[0]) \
+        <= 1e-10
+
+
+def test_gradient_outside_the_rows_span_falls_back_to_the_costate(monkeypatch):
+    problem = _mlp_problem([4, 6, 5, 3], b=4, loss="cross_entropy")
+    metric = Layerwise(problem, mu=0.2, output="sampled_fisher", probes=2, seed=3)
+    g = problem.grad(problem.theta0)
+    assert _rel(metric.natural_direction(problem.theta0), metric.solve(problem.theta0, g)) <= 1e-12
+    _no_gradient_pass(monkeypatch)
+    with pytest.raises(AssertionError, match="block gradient"):
+        metric.natural_direction(problem.theta0)
+
+
+def _confidently_wrong_problem(scale=2000.0):
+    """Cross-entropy where a sample's probability of its true class underflows to 0, so c ∝ 1/√p is not finite."""
+    sizes = [4, 6, 3]
+    x, _ = _data(5, sizes[0], sizes[-1], True)
+    problem = flows.Problem(flows.data.mlp(sizes, seed=0), "cross_entropy", (x, torch.zeros(5, dtype=torch.long)))
+    theta = problem.theta0.clone()
+    theta[problem.blocks[-1].slice] *= scale
+    assert float(torch.softmax(problem.outputs(theta), -1)[:, 0].min()) == 0.0
+    return problem, theta
+
+
+def test_underflowed_probability_falls_back_to_the_costate(monkeypatch):
+    problem, theta = _confidently_wrong_problem()
+    metric = Layerwise(problem, mu=0.1)
+    expected = metric.solve(theta, problem.grad(theta))
+    assert bool(torch.isfinite(expected).all())
+    assert _rel(metric.natural_direction(theta), expected) <= 1e-10
+    _no_gradient_pass(monkeypatch)  # the costate route computes block gradients: proof that it was taken
+    with pytest.raises(AssertionError, match="block gradient"):
+        metric.natural_direction(theta)
+    assert _rel(metric.natural_direction(problem.theta0), metric.solve(problem.theta0, problem.grad(problem.theta0))) \
+        <= 1e-10  # at θ₀ no probability underflows: the coefficient route
+
+
+def test_coefficients_that_need_cancellation_are_refused():
+    from flows.metrics.output import coefficients_reproduce
+    rows = torch.tensor([[[1.0, 0.0], [1.0, 1e-8]]], dtype=torch.float64)  # (B, R, C) = (1, 2, 2)
+    lam = torch.tensor([[0.0, 1e-8]], dtype=torch.float64)
+    assert not bool(coefficients_reproduce(rows, torch.tensor([[-1.0, 1.0]], dtype=torch.float64), lam))
+    assert bool(coefficients_reproduce(rows, torch.tensor([[-1.0, 1.0]], dtype=torch.float64), lam, limit=1e9))
+    plain = torch.tensor([[[1.0, 0.0], [0.0, 1e-8]]], dtype=torch.float64)
+    assert bool(coefficients_reproduce(plain, torch.tensor([[0.0, 1.0]], dtype=torch.float64), lam))
+    assert not bool(coefficients_reproduce(plain, torch.tensor([[0.0, 1.1]], dtype=torch.float64), lam))
+
+
+def test_ensemble_with_one_amplified_member_uses_the_costate_for_all():
+    problem, bad = _confidently_wrong_problem()
+    metric = Layerwise(problem, mu=0.1)
+    thetas = torch.stack([problem.theta0, bad, problem.theta0 + 0.05])
+    together = metric.natural_direction(thetas)
+    for i in range(3):
+        assert _rel(together[i], metric.solve(thetas[i], problem.grad(thetas[i]))) <= 1e-10
+
+
+@given(b=st.integers(1, 5), c=st.integers(2, 6), seed=st.integers(0, 10_000), soft=st.booleans())
+def test_fisher_coefficients_reproduce_the_cross_entropy_gradient(b, c, seed, soft):
+    from flows.metrics.output import coefficients_reproduce, fisher_rows, gradient_coefficients
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(b, c, generator=g, dtype=torch.float64), -1) if soft else \
+        torch.nn.functional.one_hot(torch.randint(0, c, (b,), generator=g), c).double()
+    lam = torch.func.grad(lambda y: -(t * torch.log_softmax(y, -1)).sum() / b)(logits)  # autograd, not the library
+    coef = gradient_coefficients("fisher", logits, lam)
+    rows = fisher_rows(logits)
+    assert torch.allclose(torch.einsum("br,brk->bk", coef, rows), lam, rtol=0, atol=1e-12 * float(lam.abs().max()))
+    assert bool(coefficients_reproduce(rows, coef, lam))
+    shifted = lam + 0.1 / b  # no longer sums to zero over the classes: outside the rows' span
+    assert not bool(coefficients_reproduce(rows, gradient_coefficients("fisher", logits, shifted), shifted))

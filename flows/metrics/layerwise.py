@@ -23,7 +23,13 @@ import torch
 from flows.linalg import gram, softmax, spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
-from flows.metrics.output import check_separable, output_rows, resolve_output
+from flows.metrics.output import (
+    check_separable,
+    coefficients_reproduce,
+    gradient_coefficients,
+    output_rows,
+    resolve_output,
+)
 from flows.modules import backward, read
 from flows.problem import output_gradient
 
@@ -34,15 +40,21 @@ def _eye(n, like):
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
-def _drop_null_row(rows, logits):
+def _drop_null_row(rows, logits, coefficients=None):
     """The softmax Fisher factor L_b = (diag √p − √p pᵀ)/√B has √pᵀL_b = 0, so its C rows span only C − 1 dimensions.
     The Householder reflection H_b (symmetric, orthogonal) with H_b√p = −e_1 leaves L_bᵀL_b unchanged and zeroes the
     first row of H_bL_b; dropping it gives an exact factor with C − 1 rows per sample (d = B(C − 1): the d × d inner
-    solves cost ((C−1)/C)³ of the full ones). Cost O(B·C²)."""
+    solves cost ((C−1)/C)³ of the full ones). Coefficients c_b of the rows (L_bᵀc_b = λ_b) become H_bc_b, first
+    entry dropped: (H_bL_b)ᵀH_bc_b = L_bᵀc_b, and that entry is −√p·c_b = 0 for the c_b of
+    :func:`flows.metrics.output.gradient_coefficients`. Cost O(B·C²)."""
     v = softmax(logits).sqrt()
     v = torch.cat([v[:, :1] + 1, v[:, 1:]], dim=1)  # √p + e_1: |v|² = 2 + 2√p_1 ≥ 2, never ill-conditioned
-    reflected = rows - (2 / (v * v).sum(1))[:, None, None] * v[:, :, None] * (v[:, None, :] @ rows)
-    return reflected[:, 1:]
+    scale = 2 / (v * v).sum(1)
+    reflected = rows - scale[:, None, None] * v[:, :, None] * (v[:, None, :] @ rows)
+    if coefficients is None:
+        return reflected[:, 1:]
+    coefficients = coefficients - (scale * (v * coefficients).sum(1))[:, None] * v
+    return reflected[:, 1:], coefficients[:, 1:]
 
 
 def _param_spans(problem) -> dict[str, tuple[int, int]]:
@@ -179,26 +191,55 @@ class Layerwise(Metric):
         self._block_params = [names for _, _, names in resolved]
 
     # -- the sweep ---------------------------------------------------------------------------------------
-    def output_factor(self, outputs: torch.Tensor) -> torch.Tensor:
+    def output_factor(self, outputs: torch.Tensor, lam: torch.Tensor | None = None, *, check: bool = True):
         """The output metric's factor rows at the network outputs, shaped (B, R, *y_b.shape): the rows the sweep
-        starts from (softmax Fisher: B(C − 1) rows after the null row is reflected away)."""
+        starts from (softmax Fisher: B(C − 1) rows after the null row is reflected away).
+
+        Given the output gradient ``lam``, returns (rows, c): the coefficients c (B·R,) with rows_bᵀc_b = λ_b
+        (:func:`gradient_coefficients`), or None where λ is not in the rows' span or c would not reproduce it
+        accurately (:func:`coefficients_reproduce`; ``check=False`` skips that test, for a caller that made it)."""
         rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
                            seed=self.seed)
+        c = None if lam is None else gradient_coefficients(self.output, outputs, lam)
         if self.output == "fisher" and outputs.ndim == 2 and rows.shape[1] > 1:
-            rows = _drop_null_row(rows, outputs)
-        return rows.reshape(*rows.shape[:2], *outputs.shape[1:])
+            rows, c = (_drop_null_row(rows, outputs), None) if c is None else _drop_null_row(rows, outputs, c)
+        if c is not None and check and not bool(coefficients_reproduce(rows, c, lam)):
+            c = None
+        rows = rows.reshape(*rows.shape[:2], *outputs.shape[1:])
+        return (rows, None if c is None else c.reshape(-1)) if lam is not None else rows
 
-    def _run(self, theta, on_direct, on_collect, *, costate: bool = False):
-        """Forward on the metric batch and the backward sweep of factor rows (with ``costate``, λ rides along as one
-        extra row per sample). ``on_direct(i, node, ins, p, rows, lam, k)`` at nodes that are a whole block;
-        ``on_collect(node, k, lam_k)`` with K (d × n_node) and the node gradient at the others."""
+    def _coefficients_found(self, theta: torch.Tensor) -> torch.Tensor:
+        """Whether the output gradient at θ is a combination of the factor rows that reproduces it accurately
+        (:meth:`output_factor`), as a boolean tensor: decided before an ensemble's vmapped sweep."""
+        y = self.problem.outputs(theta, self.inputs)
+        lam = output_gradient(self.problem.loss_fn, y, self.targets)
+        rows, c = self.output_factor(y, lam, check=False)
+        return coefficients_reproduce(rows, c.reshape(rows.shape[:2]), lam) if c is not None else \
+            torch.zeros((), dtype=torch.bool)
+
+    def _run(self, theta, on_direct, on_collect, *, costate: bool = False, coefficients: bool | None = None):
+        """Forward on the metric batch and the backward sweep of factor rows. ``on_direct(i, node, ins, p, rows,
+        grad, k)`` at nodes that are a whole block; ``on_collect(node, k, grad)`` with K (d × n_node) and the node
+        gradient at the others.
+
+        With ``costate`` the sweep serves the natural direction. Where the output gradient λ is a combination
+        rowsᵀc of the factor rows (:meth:`output_factor`), every block gradient is K_aᵀc and the sweep carries the
+        factor rows alone: grad is None, on_direct gets c as its last argument, and c is returned. Otherwise λ
+        rides along as one extra row per sample, grad is the block gradient, and c is None. ``coefficients``
+        True or False imposes the choice, made beforehand (an ensemble decides outside its vmap)."""
         params = self.problem.unflatten(theta)
         trace = self.graph.forward(params, self.inputs)
         y = trace.output
-        rows = self.output_factor(y)
-        r = rows.shape[1]
+        c = None
         if costate:
             lam = output_gradient(self.problem.loss_fn, y, self.targets)
+            rows, c = self.output_factor(y, lam, check=coefficients is None) if coefficients is not False else \
+                (self.output_factor(y), None)
+            costate = c is None
+        else:
+            rows = self.output_factor(y)
+        r = rows.shape[1]
+        if costate:
             rows = torch.cat([rows, lam[:, None]], dim=1)
 
         def visit(node, ins, p, ext, k):
@@ -211,25 +252,28 @@ class Layerwise(Metric):
             if costate:
                 grad = k[:, r].sum(0) if k is not None else node.ops.vjp_param(p, ins, lam)
             if node.name in self._direct:
-                on_direct(self._direct[node.name], node, ins, p, rows_, grad, k_rows)
+                on_direct(self._direct[node.name], node, ins, p, rows_, grad, k_rows, c)
             else:
                 k_rows = k_rows if k_rows is not None else node.ops.k_rows(p, ins, rows_)
                 on_collect(node, k_rows.reshape(-1, k_rows.shape[-1]), grad)
 
         backward(self.graph, trace, rows, visit)
+        return c
 
-    def _gather(self, theta, vectors, *, costate: bool = False, solve: bool = True):
-        """Per block: the solve G_a⁻¹ v_a (``solve``) or K_a (not ``solve``); with ``costate`` v is the gradient."""
+    def _gather(self, theta, vectors, *, costate: bool = False, solve: bool = True, coefficients=None):
+        """Per block: the solve G_a⁻¹ v_a (``solve``) or K_a (not ``solve``); with ``costate`` v is the gradient
+        (as K_aᵀc where the sweep found coefficients c, see :meth:`_run`)."""
         out = [None] * len(self.blocks)
         k_acc: dict = {}
         g_acc: dict = {}
 
-        def on_direct(i, node, ins, p, rows, grad, k):
-            v = grad if costate else vectors[self.blocks[i][1]]
+        def on_direct(i, node, ins, p, rows, grad, k, c):
             if solve:
-                out[i] = self._solve_block(self.blocks[i][0], node.ops, ins, p, rows, v, k)
+                v = vectors[self.blocks[i][1]] if not costate else grad
+                out[i] = self._solve_block(self.blocks[i][0], node.ops, ins, p, rows, v, k, c)
             else:
-                out[i] = (k if k is not None else node.ops.k_rows(p, ins, rows)).reshape(-1, v.shape[-1])
+                out[i] = (k if k is not None else node.ops.k_rows(p, ins, rows)).reshape(rows.shape[0] *
+                                                                                          rows.shape[1], -1)
 
         def on_collect(node, k, grad):
             for i, cols, bcols in self._collect[node.name]:
@@ -241,7 +285,7 @@ class Layerwise(Metric):
                 if grad is not None:
                     g_acc[i][bcols] += grad[cols]
 
-        self._run(theta, on_direct, on_collect, costate=costate)
+        c = self._run(theta, on_direct, on_collect, costate=costate, coefficients=coefficients)
         d = None
         for i, (name, sl, _) in enumerate(self.blocks):
             if out[i] is not None:
@@ -251,7 +295,7 @@ class Layerwise(Metric):
                 k_acc[i] = theta.new_zeros(d, sl.stop - sl.start)
                 g_acc[i] = theta.new_zeros(sl.stop - sl.start)
             if solve:
-                v = g_acc[i] if costate else vectors[sl]
+                v = (k_acc[i].T @ c if c is not None else g_acc[i]) if costate else vectors[sl]
                 out[i] = self._solve_dense_factor(name, k_acc[i], v)
             else:
                 out[i] = k_acc[i]
@@ -264,7 +308,7 @@ class Layerwise(Metric):
     def sweep(self, theta: torch.Tensor, visit, *, costate: bool = False):
         """Compatibility sweep for peers: ``visit(name, slice, ops, x, p, rows, lam)`` at every module node that is a
         whole block, with its single tensor input ``x`` (rows flattened to (B, R, width))."""
-        def on_direct(i, node, ins, p, rows, grad, k):
+        def on_direct(i, node, ins, p, rows, grad, k, c):
             name, sl, _ = self.blocks[i]
             visit(name, sl, node.ops, ins[0] if len(ins) == 1 else ins, p, rows, None)
 
@@ -273,19 +317,24 @@ class Layerwise(Metric):
     def _use_primal(self, n, d):
         return self.solver == "primal" or (self.solver == "auto" and n < d)
 
-    def _solve_block(self, name, ops, ins, p, rows, g, k=None):
-        """G_a⁻¹ g, or — for a dual solve with mass μI — the pending (KKᵀ, K g, u ↦ (g − Kᵀu)/μ), so that all blocks'
-        d × d inner matrices are factored by one batched Cholesky after the sweep."""
-        d, n = rows.shape[0] * rows.shape[1], g.shape[-1]
+    def _solve_block(self, name, ops, ins, p, rows, g, k=None, c=None):
+        """G_a⁻¹ g, or — for a dual solve with mass μI — the pending (KKᵀ, rhs, u ↦ x), so that all blocks' d × d
+        inner matrices are factored after the sweep. With coefficients c in place of g (g = K_aᵀc, see
+        :meth:`_run`): G_a⁻¹g = K_aᵀ(μI + K_aK_aᵀ)⁻¹c, without K_a g."""
+        d, n = rows.shape[0] * rows.shape[1], sum(t.numel() for t in p.values())  # p: the whole block
         mass = self._mass.get(name)
         dual = mass is None and not self._use_primal(n, d)
         if k is None and dual and hasattr(ops, "dual") and ops.has_gram(ins):
             inner, k_mv, k_t = ops.dual(ins, rows)
+            if c is not None:
+                return (inner, c, k_t)
             return (inner, k_mv(g), lambda u: (g - k_t(u)) / self.mu)
         k = (k if k is not None else ops.k_rows(p, ins, rows)).reshape(d, n)
         if dual:
+            if c is not None:
+                return (gram(k), c, lambda u: k.T @ u)
             return (gram(k), k @ g, lambda u: (g - k.T @ u) / self.mu)
-        return self._solve_dense_factor(name, k, g)
+        return self._solve_dense_factor(name, k, g if c is None else k.T @ c)
 
     def _finish(self, out):
         """Finish every pending dual block: Cholesky of its μI + KKᵀ (in place, one LAPACK call per block; stacking
@@ -319,16 +368,21 @@ class Layerwise(Metric):
         _check_length(v, self.problem.num_params, "v")
         return batched(self._solve_one, theta, v)
 
-    def _direction_one(self, theta):
-        return torch.cat(self._gather(theta, None, costate=True))
+    def _direction_one(self, theta, coefficients=None):
+        return torch.cat(self._gather(theta, None, costate=True, coefficients=coefficients))
 
     def natural_direction(self, theta: torch.Tensor) -> torch.Tensor:
-        """G(θ)⁻¹∇L(θ) from one fused sweep: the costate rides along with the factor rows, so no separate
-        gradient pass is made. Needs the metric on the full batch (``metric_batch=None``); otherwise it is
-        ``solve(θ, problem.grad(θ))``."""
+        """G(θ)⁻¹∇L(θ) from one sweep, without a separate gradient pass. Where the output gradient is a combination
+        λ_b = rows_bᵀc_b of the factor rows (softmax cross-entropy with the exact Fisher, squared error with the
+        identity metric), ∇_aL = K_aᵀc and the direction is K_aᵀ(μI + K_aK_aᵀ)⁻¹c per block; otherwise the costate
+        rides along with the factor rows. Needs the metric on the full batch (``metric_batch=None``); otherwise it
+        is ``solve(θ, problem.grad(θ))``."""
         if self.indices is not None:
             return self.solve(theta, self.problem.grad(theta))
-        return batched(self._direction_one, theta)
+        if theta.ndim == 1:
+            return self._direction_one(theta)
+        found = bool(torch.func.vmap(self._coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
+        return batched(lambda t: self._direction_one(t, coefficients=found), theta)
 
     def block_factors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """K_a materialised per block (d × n_a), for tests and diagnostics. Memory O(d·N)."""

@@ -22,6 +22,7 @@ from torch.func import hessian
 from flows.linalg import softmax
 
 OUTPUT_METRICS = ("identity", "fisher", "ggn", "sampled_fisher")
+AMPLIFICATION_LIMIT = 1e3
 _AUTO = {"mse": "identity", "cross_entropy": "fisher"}
 
 
@@ -97,3 +98,40 @@ def output_rows(kind: str, outputs: torch.Tensor, targets: torch.Tensor, loss_fn
     if kind == "sampled_fisher":
         return sampled_fisher_rows(flat, probes, seed)
     raise ValueError(f"unknown output metric {kind!r}; choose one of {list(OUTPUT_METRICS)}")
+
+
+def gradient_coefficients(kind: str, outputs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor | None:
+    """Coefficients c (B, R) of the factor rows of ``output_rows(kind, outputs, …)`` with rows_bᵀc_b = λ_b, in closed
+    form, where the output gradient λ (B, C) lies in the rows' span; None for the other output metrics.
+
+        identity:  rows_b = I/√B                          c_b = √B λ_b
+        fisher:    rows_b = (diag √p − √p pᵀ)/√B          c_b = √B λ_b / √p_b
+
+    For the Fisher, rows_bᵀc_b = (√p ⊙ c_b − p (√p·c_b))/√B = λ_b − p Σ_k λ_bk, which is λ_b whenever λ_b sums to
+    zero — as the cross-entropy gradient (p − t)/B does for every target distribution t. Then ∇L = J_aᵀλ = K_aᵀc for
+    every block at once (K_a = rows · J_a), so G_a⁻¹∇_aL = (μI + K_aᵀK_a)⁻¹K_aᵀc = K_aᵀ(μI + K_aK_aᵀ)⁻¹c needs neither
+    the gradient nor K_a g. Whether c is exact and accurate is for :func:`coefficients_reproduce` to say. Cost O(BC)."""
+    flat = outputs.reshape(outputs.shape[0], -1)
+    lam = lam.reshape(flat.shape)
+    if kind == "identity":
+        return lam * flat.shape[0] ** 0.5
+    if kind == "fisher":
+        return lam * flat.shape[0] ** 0.5 / softmax(flat).sqrt()
+    return None
+
+
+def coefficients_reproduce(rows: torch.Tensor, c: torch.Tensor, lam: torch.Tensor,
+                           limit: float = AMPLIFICATION_LIMIT) -> torch.Tensor:
+    """Whether Σ_r c_br rows_br reproduces λ_b to working precision, without cancellation that loses more than a
+    factor ``limit`` of it: max |rowsᵀc − λ| ≤ limit·ε·max |λ| and max_b,k Σ_r |c_br rows_brk| ≤ limit·max |λ|.
+    A gradient outside the rows' span (a sampled Fisher, a loss whose gradient does not sum to zero) fails the
+    first test; a vanishing probability p_b of the true class (c ∝ 1/√p) fails the second. A boolean tensor (no
+    host synchronisation, so it works under ``torch.func.vmap``). Cost O(B·R·C)."""
+    rows = rows.reshape(*rows.shape[:2], -1)
+    lam = lam.reshape(lam.shape[0], -1)
+    scale = lam.abs().amax()
+    error = (torch.einsum("br,brk->bk", c, rows) - lam).abs().amax()
+    summed = torch.einsum("br,brk->bk", c.abs(), rows.abs()).amax()
+    eps = torch.finfo(rows.dtype).eps
+    # NaN or ∞ in c makes both comparisons False
+    return (error <= limit * eps * scale) & (summed <= limit * scale)
