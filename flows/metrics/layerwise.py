@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from flows.linalg import gram, softmax, spd_solve
+from flows.linalg import gram, spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
 from flows.metrics.natural_gradient import select_metric_batch
 from flows.metrics.output import (
@@ -28,6 +28,7 @@ from flows.metrics.output import (
     coefficients_reproduce,
     gradient_coefficients,
     output_rows,
+    reduced_fisher_rows,
     resolve_output,
 )
 from flows.modules import backward, read
@@ -38,23 +39,6 @@ SOLVERS = ("auto", "dual", "primal")
 
 def _eye(n, like):
     return torch.eye(n, dtype=like.dtype, device=like.device)
-
-
-def _drop_null_row(rows, logits, coefficients=None):
-    """The softmax Fisher factor L_b = (diag √p − √p pᵀ)/√B has √pᵀL_b = 0, so its C rows span only C − 1 dimensions.
-    The Householder reflection H_b (symmetric, orthogonal) with H_b√p = −e_1 leaves L_bᵀL_b unchanged and zeroes the
-    first row of H_bL_b; dropping it gives an exact factor with C − 1 rows per sample (d = B(C − 1): the d × d inner
-    solves cost ((C−1)/C)³ of the full ones). Coefficients c_b of the rows (L_bᵀc_b = λ_b) become H_bc_b, first
-    entry dropped: (H_bL_b)ᵀH_bc_b = L_bᵀc_b, and that entry is −√p·c_b = 0 for the c_b of
-    :func:`flows.metrics.output.gradient_coefficients`. Cost O(B·C²)."""
-    v = softmax(logits).sqrt()
-    v = torch.cat([v[:, :1] + 1, v[:, 1:]], dim=1)  # √p + e_1: |v|² = 2 + 2√p_1 ≥ 2, never ill-conditioned
-    scale = 2 / (v * v).sum(1)
-    reflected = rows - scale[:, None, None] * v[:, :, None] * (v[:, None, :] @ rows)
-    if coefficients is None:
-        return reflected[:, 1:]
-    coefficients = coefficients - (scale * (v * coefficients).sum(1))[:, None] * v
-    return reflected[:, 1:], coefficients[:, 1:]
 
 
 def _param_spans(problem) -> dict[str, tuple[int, int]]:
@@ -193,16 +177,17 @@ class Layerwise(Metric):
     # -- the sweep ---------------------------------------------------------------------------------------
     def output_factor(self, outputs: torch.Tensor, lam: torch.Tensor | None = None, *, check: bool = True):
         """The output metric's factor rows at the network outputs, shaped (B, R, *y_b.shape): the rows the sweep
-        starts from (softmax Fisher: B(C − 1) rows after the null row is reflected away).
+        starts from (softmax Fisher: B(C − 1) rows after the null row is reflected away, :func:`reduced_fisher_rows`).
 
         Given the output gradient ``lam``, returns (rows, c): the coefficients c (B·R,) with rows_bᵀc_b = λ_b
         (:func:`gradient_coefficients`), or None where λ is not in the rows' span or c would not reproduce it
         accurately (:func:`coefficients_reproduce`; ``check=False`` skips that test, for a caller that made it)."""
-        rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
-                           seed=self.seed)
         c = None if lam is None else gradient_coefficients(self.output, outputs, lam)
-        if self.output == "fisher" and outputs.ndim == 2 and rows.shape[1] > 1:
-            rows, c = (_drop_null_row(rows, outputs), None) if c is None else _drop_null_row(rows, outputs, c)
+        if self.output == "fisher" and outputs.ndim == 2 and outputs.shape[1] > 1:
+            rows, c = (reduced_fisher_rows(outputs), None) if c is None else reduced_fisher_rows(outputs, c)
+        else:
+            rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
+                               seed=self.seed)
         if c is not None and check and not bool(coefficients_reproduce(rows, c, lam)):
             c = None
         rows = rows.reshape(*rows.shape[:2], *outputs.shape[1:])

@@ -50,6 +50,33 @@ def fisher_rows(logits: torch.Tensor) -> torch.Tensor:
     return (torch.diag_embed(sqrt_p) - sqrt_p[:, :, None] * p[:, None, :]) / b**0.5
 
 
+def reduced_fisher_rows(logits: torch.Tensor, coefficients: torch.Tensor | None = None):
+    """The softmax Fisher factor with its null row reflected away: C − 1 rows per sample, exactly
+    rowsᵀrows = (diag p − ppᵀ)/B, so the d × d inner solves of a dual metric have d = B(C − 1).
+
+    L_b = (diag s − s pᵀ)/√B (s = √p) has sᵀL_b = 0. The Householder reflection H_b = I − 2vvᵀ/|v|² with
+    v = s + e_0 (|v|² = 2 + 2s_0 ≥ 2, never ill-conditioned) is orthogonal and maps s to −e_0, so
+    (H_bL_b)ᵀH_bL_b = L_bᵀL_b and the first row of H_bL_b is −sᵀL_b = 0: drop it. As vᵀL_b = L_b[0], H_bL_b =
+    L_b − α v L_b[0] with α = 2/|v|² = 1/(1 + s_0), and since 1 − α s_0 = α its rows j = 1 … C − 1 are
+
+        rows_j = s_j (e_j − α(p + s_0 e_0)) / √B.
+
+    ``coefficients`` c (B, C) of the rows of L_b (L_bᵀc_b = λ_b, :func:`gradient_coefficients`) map to those of the
+    kept rows as H_bc_b without its first entry: (H_bc)_j = c_j − α s_j (s·c + c_0); then (rows, c) is returned.
+    Cost O(B·C²)."""
+    b, c = logits.shape
+    p = softmax(logits)
+    s = p.sqrt()
+    alpha = 1 / (1 + s[:, :1])  # (B, 1)
+    e = torch.eye(c, dtype=p.dtype, device=p.device)
+    shifted = p + s[:, :1] * e[0]  # p + s_0 e_0
+    rows = (s[:, 1:, None] / b**0.5) * (e[1:] - alpha[:, :, None] * shifted[:, None, :])
+    if coefficients is None:
+        return rows
+    dot = (s * coefficients).sum(1, keepdim=True) + coefficients[:, :1]
+    return rows, coefficients[:, 1:] - alpha * s[:, 1:] * dot
+
+
 def _output_hessian(outputs, targets, loss_fn):
     b, c = outputs.shape[0], outputs[0].numel()
     h = hessian(lambda y: loss_fn(y.reshape(outputs.shape), targets))(outputs.reshape(-1)).reshape(b, c, b, c)
@@ -127,11 +154,9 @@ def coefficients_reproduce(rows: torch.Tensor, c: torch.Tensor, lam: torch.Tenso
     A gradient outside the rows' span (a sampled Fisher, a loss whose gradient does not sum to zero) fails the
     first test; a vanishing probability p_b of the true class (c ∝ 1/√p) fails the second. A boolean tensor (no
     host synchronisation, so it works under ``torch.func.vmap``). Cost O(B·R·C)."""
-    rows = rows.reshape(*rows.shape[:2], -1)
-    lam = lam.reshape(lam.shape[0], -1)
+    terms = c[:, :, None] * rows.reshape(*rows.shape[:2], -1)  # c_br rows_brk
     scale = lam.abs().amax()
-    error = (torch.einsum("br,brk->bk", c, rows) - lam).abs().amax()
-    summed = torch.einsum("br,brk->bk", c.abs(), rows.abs()).amax()
-    eps = torch.finfo(rows.dtype).eps
+    error = (terms.sum(1) - lam.reshape(lam.shape[0], -1)).abs().amax()
+    summed = terms.abs().sum(1).amax()
     # NaN or ∞ in c makes both comparisons False
-    return (error <= limit * eps * scale) & (summed <= limit * scale)
+    return (error <= limit * torch.finfo(rows.dtype).eps * scale) & (summed <= limit * scale)

@@ -83,14 +83,19 @@ class ConvOps:
         if not self.has_bias:
             return inner, lambda g: k_w @ g, lambda u: k_w.T @ u
         s = l_rows.sum(-1).reshape(b * r, -1)
-        return (inner + s @ s.T, lambda g: k_w @ g[:n_w] + s @ g[n_w:],
+        return (inner.addmm_(s, s.T), lambda g: k_w @ g[:n_w] + s @ g[n_w:],
                 lambda u: torch.cat([k_w.T @ u, s.T @ u]))
 
     def k_rows(self, p, ins, rows):
+        """K (B, R, n) materialised. The weight part is formed as U_b l_{b,r}ᵀ per sample (one batched product with
+        the long position axis inside, whose (C_in·k) × (R·C_out) outputs are then transposed): with few input
+        channels this is 1.8× faster than l_{b,r} U_bᵀ (104 against 187 µs for the first convolution of the
+        benchmark CNN, 32 × (9 × 64) · (64 × 144))."""
         u = self._patches(ins[0], p["weight"])
         b, r = rows.shape[:2]
         l_rows = rows.reshape(b, r, self.out_channels, -1)
-        k_w = torch.einsum("brop,bip->broi", l_rows, u).reshape(b, r, -1)
+        k_w = torch.bmm(u, l_rows.reshape(b, r * self.out_channels, -1).mT)  # (B, C_in·k, R·C_out)
+        k_w = k_w.reshape(b, -1, r, self.out_channels).permute(0, 2, 3, 1).reshape(b, r, -1)
         return torch.cat([k_w, l_rows.sum(-1)], dim=2) if self.has_bias else k_w
 
     def vjp_param(self, p, ins, lam):

@@ -96,5 +96,6 @@ class LinearOps:
         return torch.einsum("bro,bo->br", rows, z).reshape(-1)
 
     def k_t(self, ins, rows, u):
-        lu = torch.einsum("br,bro->bo", u.reshape(rows.shape[:2]), rows)
+        b, r = rows.shape[:2]
+        lu = torch.bmm(u.reshape(b, 1, r), rows).reshape(b, -1)  # Σ_r u_br l_br
         return self._join(lu.T @ ins[0], lu.sum(0) if self.has_bias else None)
