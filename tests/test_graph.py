@@ -3,7 +3,10 @@ generic operators, and the errors for models the graph cannot read."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import block_diagonal_part, dense_gauss_newton, mse_loss
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 
 import flows
@@ -344,3 +347,26 @@ def test_forward_arguments_with_defaults_are_fixed_at_them():
     expected = block_diagonal_part(dense, [b.slice for b in problem.blocks])
     v = torch.randn(problem.num_params, dtype=torch.float64)
     assert _rel(metric.solve(problem.theta0, v), torch.linalg.solve(expected, v)) <= 1e-10
+
+
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(1, 8), st.integers(1, 7)),
+       seed=st.integers(0, 1000))
+def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilation, size, seed):
+    """pull_rows (GEMM to the kernel taps, then col2im by strided adds) against autograd's vjp of F.conv2d."""
+    from flows.modules.conv import pull_rows
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, *kernel, generator=g, dtype=torch.float64)
+    extent = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(size, padding, dilation, kernel)]
+    assume(min(extent) >= 1)
+
+    def conv(inp):
+        return F.conv2d(inp, weight, stride=stride, padding=padding, dilation=dilation)
+
+    out, vjp = torch.func.vjp(conv, x)
+    rows = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    pulled = pull_rows(rows, weight, size, stride, padding, dilation)
+    assert pulled.shape == x.shape
+    assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)

@@ -166,12 +166,17 @@ class KFAC(Metric):
                "padding given as sizes, one group) have one; use fallback='exact' for its exact damped block"
 
     # -- the factors --------------------------------------------------------------------------------------
-    def _kronecker(self, node, ins, at, r, costate=False):
+    def _kronecker(self, node, ins, at, r, costate=False, coefficients=None):
         """Ω and Γ of one Linear / convolution node from its input and the factor rows ``at[:, :r]`` at its output;
-        with ``costate`` (λ the row ``at[:, r]``) also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from
-        the same patches."""
+        with ``costate`` also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from the same patches, where
+        λ is the row ``at[:, r]`` or, given the ``coefficients`` c of the output gradient in the factor rows
+        (:meth:`Layerwise.output_factor`), λ_b = Σ_r c_br l_br recombined from the rows here."""
         b = at.shape[0]
-        rows, lam = at[:, :r], (at[:, r] if costate else None)
+        rows = at[:, :r]
+        lam = None
+        if costate:
+            lam = at[:, r] if coefficients is None else \
+                (coefficients.reshape(b, r, *(1,) * (at.dim() - 2)) * at).sum(1)  # any memory layout of the rows
         bias = len(node.param_names) == 2
         s = None
         if isinstance(node.ops, ConvOps):
@@ -179,7 +184,10 @@ class KFAC(Metric):
             out, positions = node.ops.out_channels, u.shape[-1]
             # one GEMM each over all (sample, position) pairs: a copy to (B|T|, m) beats einsum's own path
             x = u.transpose(1, 2).reshape(b * positions, -1)
-            if positions >= out:  # Γ from one batched product per row of the whole (contiguous) block, no copy
+            channels_last = rows.movedim(2, -1)
+            if channels_last.is_contiguous():  # rows from a convolution's pull: (sample, row, position) × C_out
+                lf = channels_last.reshape(-1, out)
+            elif positions >= out:  # Γ from one batched product per row of the whole (contiguous) block, no copy
                 full = at.reshape(b * at.shape[1], out, positions)
                 s = torch.bmm(full, full.mT).view(b, -1, out, out)[:, :r].sum((0, 1)) / positions
             else:
@@ -211,17 +219,24 @@ class KFAC(Metric):
         f = KroneckerFactors(s, s + (root / pi) * _eye(s.shape[0], s), pi, root * pi, positions, bias, form, a, z)
         return f, (None if lam is None else self._from_matrix(f, lam.T @ x))
 
-    def _sweep(self, theta, *, costate: bool = False):
-        """One forward pass on the metric batch and one backward sweep of the factor rows (with ``costate``, λ rides
-        along as one extra row per sample). Per block: KroneckerFactors, or K_a (d × n_a) for the exact blocks; and
-        with ``costate`` the block gradients."""
+    def _sweep(self, theta, *, costate: bool = False, coefficients: bool | None = None):
+        """One forward pass on the metric batch and one backward sweep of the factor rows. Per block:
+        KroneckerFactors, or K_a (d × n_a) for the exact blocks; and with ``costate`` the block gradients — from
+        the coefficients c of the output gradient in the factor rows where they reproduce it (exact blocks
+        K_aᵀc, Kronecker blocks from λ recombined at the layer), else with λ riding along as one extra row per
+        sample. ``coefficients`` True or False imposes that choice (see :meth:`Layerwise._run`)."""
         lw, problem = self._layerwise, self.problem
         trace = self.graph.forward(problem.unflatten(theta), lw.inputs)
         y = trace.output
-        rows = lw.output_factor(y)
-        r = rows.shape[1]
+        c = None
         if costate:
             lam = output_gradient(problem.loss_fn, y, lw.targets)
+            rows, c = lw.output_factor(y, lam, check=coefficients is None) if coefficients is not False else \
+                (lw.output_factor(y), None)
+        else:
+            rows = lw.output_factor(y)
+        r = rows.shape[1]
+        if costate and c is None:
             rows = torch.cat([rows, lam[:, None]], dim=1)
         found: list = [None] * len(self.blocks)
         grads: list = [None] * len(self.blocks)
@@ -229,7 +244,7 @@ class KFAC(Metric):
         def visit(node, ins, p, at, k):
             i = self._kron.get(node.name)
             if i is not None:
-                found[i], grads[i] = self._kronecker(node, ins, at, r, costate)
+                found[i], grads[i] = self._kronecker(node, ins, at, r, costate, c)
                 return
             k = k if k is not None else node.ops.k_rows(p, ins, at)
             k_rows = k[:, :r].reshape(-1, k.shape[-1])
@@ -239,7 +254,7 @@ class KFAC(Metric):
                     found[j] = k.new_zeros(k_rows.shape[0], sl.stop - sl.start)
                     grads[j] = k.new_zeros(sl.stop - sl.start)
                 found[j][:, bcols] += k_rows[:, cols]
-                if costate:
+                if costate and c is None:
                     grads[j][bcols] += k[:, r, cols].sum(0)
 
         backward(self.graph, trace, rows, visit)
@@ -247,6 +262,8 @@ class KFAC(Metric):
             if found[j] is None:  # no path from these parameters to the output: K_a = 0
                 found[j] = theta.new_zeros(rows.shape[0] * r, sl.stop - sl.start)
                 grads[j] = theta.new_zeros(sl.stop - sl.start)
+            elif costate and c is not None and not isinstance(found[j], KroneckerFactors):
+                grads[j] = found[j].T @ c
         return found, grads
 
     def factors(self, theta: torch.Tensor) -> dict:
@@ -301,16 +318,20 @@ class KFAC(Metric):
         _check_length(v, self.problem.num_params, "v")
         return batched(self._solve_one, theta, v)
 
-    def _direction_one(self, theta):
-        found, grads = self._sweep(theta, costate=True)
+    def _direction_one(self, theta, coefficients=None):
+        found, grads = self._sweep(theta, costate=True, coefficients=coefficients)
         return self._solve_found(found, grads)
 
     def natural_direction(self, theta: torch.Tensor) -> torch.Tensor:
-        """G(θ)⁻¹∇L(θ) from one fused sweep (the costate rides along with the factor rows); needs the metric on the
+        """G(θ)⁻¹∇L(θ) from one sweep, without a separate gradient pass (the gradient from the coefficients of the
+        output gradient in the factor rows, or the costate riding along: :meth:`_sweep`); needs the metric on the
         full batch (``metric_batch=None``), otherwise it is ``solve(θ, problem.grad(θ))``."""
         if self._layerwise.indices is not None:
             return self.solve(theta, self.problem.grad(theta))
-        return batched(self._direction_one, theta)
+        if theta.ndim == 1:
+            return self._direction_one(theta)
+        found = bool(torch.func.vmap(self._layerwise.coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
+        return batched(lambda t: self._direction_one(t, coefficients=found), theta)
 
     def _block_matrix(self, f, size):
         if not isinstance(f, KroneckerFactors):

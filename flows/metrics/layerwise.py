@@ -193,7 +193,7 @@ class Layerwise(Metric):
         rows = rows.reshape(*rows.shape[:2], *outputs.shape[1:])
         return (rows, None if c is None else c.reshape(-1)) if lam is not None else rows
 
-    def _coefficients_found(self, theta: torch.Tensor) -> torch.Tensor:
+    def coefficients_found(self, theta: torch.Tensor) -> torch.Tensor:
         """Whether the output gradient at θ is a combination of the factor rows that reproduces it accurately
         (:meth:`output_factor`), as a boolean tensor: decided before an ensemble's vmapped sweep."""
         y = self.problem.outputs(theta, self.inputs)
@@ -366,7 +366,7 @@ class Layerwise(Metric):
             return self.solve(theta, self.problem.grad(theta))
         if theta.ndim == 1:
             return self._direction_one(theta)
-        found = bool(torch.func.vmap(self._coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
+        found = bool(torch.func.vmap(self.coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
         return batched(lambda t: self._direction_one(t, coefficients=found), theta)
 
     def block_factors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:

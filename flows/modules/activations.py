@@ -82,4 +82,10 @@ class ActivationOps:
         return self.fn(ins[0])
 
     def pull(self, p, ins, rows, want):
-        return [rows * self.derivative(ins[0])[:, None] if want[0] else None], None
+        if not want[0]:
+            return [None], None
+        d = self.derivative(ins[0])
+        if rows.dim() > 3 and rows.stride(2) == 1 and d.stride(1) != 1:
+            # rows with channels innermost (a convolution's pull): σ' in the same layout, so the product streams
+            d = d.movedim(1, -1).contiguous().movedim(-1, 1)
+        return [rows * d[:, None]], None
