@@ -157,12 +157,16 @@ def test_parallel_branches_get_their_own_blocks():
     assert _rel(metric.solve(problem.theta0, v), expected) <= 1e-10
 
 
-@pytest.mark.parametrize("activation", [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU])
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU, flows.modules.Softplus])
 def test_torch_sequential_converts_with_every_activation(activation):
+    """σ' comes from the kept forward output (1 − y², y(1 − y), −expm1(−y), y > 0); against the dense blocks."""
     problem = _mlp_problem([4, 6, 5, 3], b=3, loss="mse", activation=activation)
     v = torch.randn(problem.num_params, dtype=torch.float64)
     expected, _ = _reference_solve(problem, 0.4, mse_loss, v)
-    assert _rel(Layerwise(problem, mu=0.4).solve(problem.theta0, v), expected) <= 1e-10
+    metric = Layerwise(problem, mu=0.4)
+    assert _rel(metric.solve(problem.theta0, v), expected) <= 1e-10
+    g = problem.grad(problem.theta0)
+    assert _rel(metric.natural_direction(problem.theta0), _reference_solve(problem, 0.4, mse_loss, g)[0]) <= 1e-10
 
 
 def test_costates_are_backprop():

@@ -9,6 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# σ' from the activation's output y = σ(x), in the same arithmetic as from x (1 − tanh², sigmoid·(1 − sigmoid));
+# softplus' = sigmoid(x) = −expm1(−y), accurate where y is tiny (1 − e^{−y} would cancel)
+FROM_OUTPUT: dict[str, Callable] = {
+    "tanh": lambda y: 1 - y**2,
+    "sigmoid": lambda y: y * (1 - y),
+    "softplus": lambda y: -torch.expm1(-y),
+    "relu": lambda y: (y > 0).to(y.dtype),
+}
+
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "tanh": (torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
     "sigmoid": (torch.sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
@@ -70,9 +79,11 @@ def activation_name(module: nn.Module) -> str | None:
 
 
 class ActivationOps:
-    """Rows through an elementwise activation: rows · diag σ'(x)."""
+    """Rows through an elementwise activation: rows · diag σ'(x), with σ' from the output the forward pass kept
+    (``FROM_OUTPUT``), so σ is not evaluated again."""
 
     structured = True
+    uses_output = True  # the sweep passes the node's forward output to pull
 
     def __init__(self, name: str):
         self.name = name
@@ -81,10 +92,10 @@ class ActivationOps:
     def forward(self, p, ins):
         return self.fn(ins[0])
 
-    def pull(self, p, ins, rows, want):
+    def pull(self, p, ins, rows, want, output=None):
         if not want[0]:
             return [None], None
-        d = self.derivative(ins[0])
+        d = self.derivative(ins[0]) if output is None else FROM_OUTPUT[self.name](output)
         if rows.dim() > 3 and rows.stride(2) == 1 and d.stride(1) != 1:
             # rows with channels innermost (a convolution's pull): σ' in the same layout, so the product streams
             d = d.movedim(1, -1).contiguous().movedim(-1, 1)

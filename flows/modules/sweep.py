@@ -76,7 +76,11 @@ def backward(graph: ModuleGraph, trace: Trace, rows: torch.Tensor, visit, *, kee
         p = node.local(trace.params)
         if not any(want) and not node.owns_params:
             continue
-        pulled, k = node.ops.pull(p, ins, at, want if any(want) else [False] * len(ins))
+        want = want if any(want) else [False] * len(ins)
+        if getattr(node.ops, "uses_output", False):
+            pulled, k = node.ops.pull(p, ins, at, want, output=trace.values[node.name])
+        else:
+            pulled, k = node.ops.pull(p, ins, at, want)
         if node.owns_params:
             visit(node, ins, p, at, k)
         for name, w, g in zip(node.inputs, want, pulled):
