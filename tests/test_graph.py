@@ -370,3 +370,21 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape
     assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_conv_patches_are_kept_for_the_same_input_only():
+    """The forward's patches serve the sweep that follows; a new input, or the same one changed in place, is
+    unfolded again."""
+    from flows.modules.conv import ConvOps
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2, dtype=torch.float64)
+    ops = ConvOps(conv)
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    p = {"weight": conv.weight.detach(), "bias": conv.bias.detach()}
+    assert torch.allclose(ops.forward(p, [x]), conv(x).detach(), rtol=1e-13, atol=1e-14)
+    first = ops.patches(x)
+    assert ops.patches(x) is first
+    x.mul_(2.0)
+    assert torch.equal(ops.patches(x), F.unfold(x, 3, padding=1, stride=2))
+    y = x.clone()
+    assert ops.patches(y) is not ops.patches(x)
+    assert torch.allclose(ops.forward(p, [y]), conv(y).detach(), rtol=1e-13, atol=1e-14)
