@@ -14,6 +14,14 @@ Cholesky. For Linear modules the dual path never materialises K_a (the inner Gra
 factor rows and the layer inputs); Conv, LayerNorm/GroupNorm and Embedding form K_a from their inputs directly;
 everything else by per-sample vjps. With the softmax Fisher the factor keeps B(C − 1) rows (its null row reflected
 away), which leaves every G_a unchanged.
+
+The natural direction needs no gradient pass where the output gradient is a combination of the factor rows,
+λ_b = rows_bᵀc_b (the exact softmax Fisher with cross-entropy, the identity metric with squared error):
+
+    ∇_aL = J_aᵀλ = K_aᵀc,        G_a⁻¹∇_aL = (μI + K_aᵀK_a)⁻¹K_aᵀc = K_aᵀ(μI_d + K_aK_aᵀ)⁻¹c
+
+for every block at once, so the sweep carries the factor rows alone and neither the block gradient nor K_a g is
+formed (:meth:`Layerwise.natural_direction`).
 """
 
 from __future__ import annotations
