@@ -329,7 +329,7 @@ def test_fisher_coefficients_reproduce_the_cross_entropy_gradient(b, c, seed, so
 
 @given(b=st.integers(1, 4), c=st.integers(2, 7), seed=st.integers(0, 10_000))
 def test_reduced_fisher_rows_factor_the_softmax_fisher_exactly(b, c, seed):
-    from flows.metrics.output import gradient_coefficients, reduced_fisher_rows
+    from flows.metrics.output import reduced_fisher_rows
     g = torch.Generator().manual_seed(seed)
     logits = 2 * torch.randn(b, c, generator=g, dtype=torch.float64)
     p = torch.softmax(logits, -1)
@@ -339,6 +339,6 @@ def test_reduced_fisher_rows_factor_the_softmax_fisher_exactly(b, c, seed):
     assert torch.allclose(rows.transpose(1, 2) @ rows, fisher, rtol=0, atol=1e-14)
     t = torch.randint(0, c, (b,), generator=g)
     lam = (p - torch.nn.functional.one_hot(t, c).double()) / b
-    rows_, coef = reduced_fisher_rows(logits, gradient_coefficients("fisher", logits, lam))
+    rows_, coef = reduced_fisher_rows(logits, lam)
     assert torch.equal(rows_, rows)
     assert torch.allclose(torch.einsum("br,brk->bk", coef, rows), lam, rtol=0, atol=1e-13)

@@ -180,7 +180,7 @@ class KFAC(Metric):
     # -- the factors --------------------------------------------------------------------------------------
     def _kronecker(self, node, ins, at, r, costate=False, coefficients=None):
         """Ω and Γ of one Linear / convolution node from its input and the factor rows ``at[:, :r]`` at its output;
-        with ``costate`` also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (θ order) from the same patches, where
+        with ``costate`` also the block gradient Σ_{b,p} λ_{b,p} ā_{b,p}ᵀ (as W̄, C_out × m) from the same patches, where
         λ is the row ``at[:, r]`` or, given the ``coefficients`` c of the output gradient in the factor rows
         (:meth:`Layerwise.output_factor`), λ_b = Σ_r c_br l_br recombined from the rows here."""
         b = at.shape[0]
@@ -229,7 +229,7 @@ class KFAC(Metric):
         pi = torch.sqrt((trace_a / m) / (torch.trace(s) / s.shape[0]).clamp_min(1e-300))
         root = self.damping ** 0.5
         f = KroneckerFactors(s, s + (root / pi) * _eye(s.shape[0], s), pi, root * pi, positions, bias, form, a, z)
-        return f, (None if lam is None else self._from_matrix(f, lam.T @ x))
+        return f, (None if lam is None else lam.T @ x)  # the gradient as W̄ (C_out × m), as _solve_kron takes it
 
     def _sweep(self, theta, *, costate: bool = False, coefficients: bool | None = None):
         """One forward pass on the metric batch and one backward sweep of the factor rows. Per block:
@@ -298,7 +298,8 @@ class KFAC(Metric):
 
     # -- Metric interface ---------------------------------------------------------------------------------
     def _solve_kron(self, f: KroneckerFactors, v):
-        m = spd_solve(f.s_damped, self._as_matrix(f, v))
+        """(Γ + γ_S I)⁻¹ V (Ω + γ_A I)⁻¹ for θ's block ``v``, given as a vector or already as W̄ (C_out × m)."""
+        m = spd_solve(f.s_damped, v if v.ndim == 2 else self._as_matrix(f, v))
         if f.a_rows is None:
             m = spd_solve(f.a_damped, m.T).T
         else:  # Woodbury through the few rows of Ω = ZᵀZ

@@ -190,12 +190,12 @@ class Layerwise(Metric):
         Given the output gradient ``lam``, returns (rows, c): the coefficients c (B·R,) with rows_bᵀc_b = λ_b
         (:func:`gradient_coefficients`), or None where λ is not in the rows' span or c would not reproduce it
         accurately (:func:`coefficients_reproduce`; ``check=False`` skips that test, for a caller that made it)."""
-        c = None if lam is None else gradient_coefficients(self.output, outputs, lam)
         if self.output == "fisher" and outputs.ndim == 2 and outputs.shape[1] > 1:
-            rows, c = (reduced_fisher_rows(outputs), None) if c is None else reduced_fisher_rows(outputs, c)
+            rows, c = (reduced_fisher_rows(outputs), None) if lam is None else reduced_fisher_rows(outputs, lam)
         else:
             rows = output_rows(self.output, outputs, self.targets, self.problem.loss_fn, probes=self.probes,
                                seed=self.seed)
+            c = None if lam is None else gradient_coefficients(self.output, outputs, lam)
         if c is not None and check and not bool(coefficients_reproduce(rows, c, lam)):
             c = None
         rows = rows.reshape(*rows.shape[:2], *outputs.shape[1:])

@@ -50,7 +50,7 @@ def fisher_rows(logits: torch.Tensor) -> torch.Tensor:
     return (torch.diag_embed(sqrt_p) - sqrt_p[:, :, None] * p[:, None, :]) / b**0.5
 
 
-def reduced_fisher_rows(logits: torch.Tensor, coefficients: torch.Tensor | None = None):
+def reduced_fisher_rows(logits: torch.Tensor, lam: torch.Tensor | None = None):
     """The softmax Fisher factor with its null row reflected away: C − 1 rows per sample, exactly
     rowsᵀrows = (diag p − ppᵀ)/B, so the d × d inner solves of a dual metric have d = B(C − 1).
 
@@ -61,9 +61,9 @@ def reduced_fisher_rows(logits: torch.Tensor, coefficients: torch.Tensor | None 
 
         rows_j = s_j (e_j − α(p + s_0 e_0)) / √B.
 
-    ``coefficients`` c (B, C) of the rows of L_b (L_bᵀc_b = λ_b, :func:`gradient_coefficients`) map to those of the
-    kept rows as H_bc_b without its first entry: (H_bc)_j = c_j − α s_j (s·c + c_0); then (rows, c) is returned.
-    Cost O(B·C²)."""
+    Given the output gradient ``lam``, also its coefficients in these rows: those of L_b, c_b = √B λ_b/s
+    (:func:`gradient_coefficients`), map as H_bc_b without its first entry, (H_bc)_j = c_j − α s_j (s·c + c_0);
+    then (rows, c) is returned. Cost O(B·C²)."""
     b, c = logits.shape
     p = softmax(logits)
     s = p.sqrt()
@@ -71,8 +71,9 @@ def reduced_fisher_rows(logits: torch.Tensor, coefficients: torch.Tensor | None 
     e = torch.eye(c, dtype=p.dtype, device=p.device)
     shifted = p + s[:, :1] * e[0]  # p + s_0 e_0
     rows = (s[:, 1:, None] / b**0.5) * (e[1:] - alpha[:, :, None] * shifted[:, None, :])
-    if coefficients is None:
+    if lam is None:
         return rows
+    coefficients = lam.reshape(b, c) * b**0.5 / s
     dot = (s * coefficients).sum(1, keepdim=True) + coefficients[:, :1]
     return rows, coefficients[:, 1:] - alpha * s[:, 1:] * dot
 
