@@ -9,9 +9,9 @@ Networks (cross-entropy on the digits, Fisher output metric, μ = 1e-2):
 - a one-block transformer on token sequences (length 8, vocabulary 16, width 16, 2 heads, learned positions,
   LayerNorm, MLP 16-32-16, mean pooling, 10 classes), batch 32.
 
-Rows: the plain gradient (the baseline), Layerwise (fused sweep), Layerwise on the generic path only
+Rows: the plain gradient (the baseline), Layerwise (one sweep, no gradient pass), Layerwise on the generic path only
 (``structured=False``, where it differs), K-FAC (KFC for the convolutions, exact blocks where no Kronecker form
-exists; fused sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with one sampled-Fisher row per sample
+exists; one sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with one sampled-Fisher row per sample
 (``output="sampled_fisher"``: Martens & Grosse's Monte-Carlo Fisher, in the network configs only) and
 NaturalGradient (Woodbury over the whole network). GradientFlow asks a metric with ``natural_direction`` for it, so
 the fused calls are what a flow pays. Each candidate

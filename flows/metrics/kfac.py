@@ -193,8 +193,12 @@ class KFAC(Metric):
         if isinstance(node.ops, ConvOps):
             u = node.ops.patches(ins[0])  # (B, C_in·k, |T|)
             out, positions = node.ops.out_channels, u.shape[-1]
-            # one GEMM each over all (sample, position) pairs: a copy to (B|T|, m) beats einsum's own path
-            x = u.transpose(1, 2).reshape(b * positions, -1)
+            # one GEMM each over all (sample, position) pairs: a copy to (B|T|, m) beats einsum's own path; the
+            # patches are copied straight into the buffer that holds the bias column too
+            x = u.new_empty(b * positions, u.shape[1] + bias)
+            x[:, :u.shape[1]].view(b, positions, -1).copy_(u.transpose(1, 2))
+            if bias:
+                x[:, -1] = 1
             channels_last = rows.movedim(2, -1)
             if channels_last.is_contiguous():  # rows from a convolution's pull: (sample, row, position) × C_out
                 per_sample = channels_last.reshape(b, -1, out)  # one product per sample: 1.4× one tall GEMM
@@ -215,7 +219,7 @@ class KFAC(Metric):
             if lam is not None:
                 lam = lam.reshape(-1, out)
             form = "kfac"
-        if bias:
+        if bias and form == "kfac":
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         if s is None:
             s = lf.T @ lf / positions
