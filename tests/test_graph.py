@@ -354,7 +354,7 @@ def test_forward_arguments_with_defaults_are_fixed_at_them():
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(1, 8), st.integers(1, 7)),
        seed=st.integers(0, 1000))
 def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilation, size, seed):
-    """pull_rows (GEMM to the kernel taps, then col2im by strided adds) against autograd's vjp of F.conv2d."""
+    """pull_rows (GEMM to the kernel taps, then col2im by one index_add_) against autograd's vjp of F.conv2d."""
     from flows.modules.conv import pull_rows
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
@@ -370,6 +370,22 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape
     assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (3, 2, 2)])
+def test_conv1d_pull_is_the_vjp_of_the_convolution(stride, padding, dilation):
+    """A Conv1d node pulls its rows as a 1 × L image: against autograd's vjp of F.conv1d, rows (B, R, C_out, L')."""
+    from flows.modules.conv import ConvOps
+    g = torch.Generator().manual_seed(stride)
+    conv = nn.Conv1d(3, 4, 3, stride=stride, padding=padding, dilation=dilation, dtype=torch.float64)
+    x = torch.randn(2, 3, 11, generator=g, dtype=torch.float64)
+    p = {"weight": conv.weight.detach(), "bias": conv.bias.detach()}
+    out, vjp = torch.func.vjp(lambda inp: F.conv1d(inp, p["weight"], p["bias"], stride, padding, dilation), x)
+    rows = torch.randn(2, 5, *out.shape[1:], generator=g, dtype=torch.float64)
+    pulled = ConvOps(conv).pull(p, [x], rows, [True])[0][0]
+    expected = torch.stack([vjp(rows[:, r])[0] for r in range(5)], dim=1)
+    assert pulled.shape == expected.shape
+    assert torch.allclose(pulled, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_patches_are_kept_for_the_same_input_only():

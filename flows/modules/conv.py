@@ -113,7 +113,7 @@ class ConvOps:
 
     def pull(self, p, ins, rows, want):
         """rows · ∂y/∂x (B, R, C_in, *spatial), by :func:`pull_rows`: the rows come back with their channels
-        innermost in memory (a permuted view), which the next convolution's products use without a copy."""
+        innermost in memory (a permuted view), which KFC's Γ reads without a copy and an activation's σ' follows."""
         if not want[0]:
             return [None], None
         x, w = ins[0], p["weight"]
