@@ -308,36 +308,40 @@ def test_blocks_without_a_kronecker_form_are_exact_or_refused_by_name():
         KFAC(problem, fallback="dense")
 
 
-class NormalisedResidual(nn.Module):
-    """A Linear (K-FAC), a LayerNorm (exact block) and a residual connection."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.inp = nn.Linear(3, 4, dtype=F64)
-        self.norm = nn.LayerNorm(4, dtype=F64)
-        self.out = nn.Linear(4, 3, dtype=F64)
-
-    def forward(self, x):
-        h = self.inp(x)
-        return self.out(h + torch.tanh(self.norm(h)))
-
-
 @pytest.mark.parametrize("model", ["cnn", "normalised"])
 def test_direction_from_gradient_coefficients_equals_the_costate_route(model, monkeypatch):
     torch.manual_seed(4)
     if model == "cnn":
         x, net = torch.randn(3, 2, 5, 6, dtype=F64), SmallCNN()
-    else:
-        x, net = torch.randn(5, 3, dtype=F64), NormalisedResidual()
+    else:  # Linear (K-FAC), LayerNorm (exact block), Linear
+        x, net = torch.randn(5, 4, dtype=F64), NormModel()
     problem = flows.Problem(net, "cross_entropy", (x, torch.tensor([0, 2, 1, 1, 0][: x.shape[0]])))
     kfac = KFAC(problem, damping=GAMMA)
     thetas = torch.stack([problem.theta0, problem.theta0 + 0.1 * torch.randn(problem.num_params, dtype=F64)])
+    from flows.metrics import kfac as kfac_module
+    from flows.metrics import layerwise
+    combined = []
+    combine = kfac_module._combine_rows
+    monkeypatch.setattr(kfac_module, "_combine_rows", lambda c, rows: combined.append(1) or combine(c, rows))
     by_coefficients = kfac.natural_direction(thetas)
+    assert combined  # λ came from the coefficients at the Kronecker layers
     for theta, direction in zip(thetas, by_coefficients):
         assert _rel(direction, kfac.solve(theta, problem.grad(theta))) <= 1e-10
         assert _rel(kfac.natural_direction(theta), direction) <= 1e-12
-    from flows.metrics import layerwise
-    monkeypatch.setattr(layerwise, "gradient_coefficients", lambda *args: None)  # λ rides along instead
-    by_costate = kfac.natural_direction(thetas)
+
+    def refuse(*args):
+        raise AssertionError("λ was recombined from the rows")
+
+    # no coefficients reproduce λ, so it rides along as a row; recombining it from the rows would raise
+    monkeypatch.setattr(layerwise, "coefficients_reproduce", lambda rows, c, lam: torch.zeros((), dtype=torch.bool))
+    monkeypatch.setattr(kfac_module, "_combine_rows", refuse)
+    by_costate = torch.stack([kfac.natural_direction(theta) for theta in thetas])
     assert _rel(by_costate, by_coefficients) <= 1e-12
+    # an ensemble tries the coefficients for all members first, then sees the refusal and sweeps again
+    monkeypatch.setattr(kfac_module, "_combine_rows", combine)
+    routes = []
+    direction_one = kfac._direction_one
+    monkeypatch.setattr(kfac, "_direction_one", lambda t, **kw: routes.append(kw.get("coefficients")) or
+                        direction_one(t, **kw))
+    assert _rel(kfac.natural_direction(thetas), by_coefficients) <= 1e-12
+    assert routes == [True, False]

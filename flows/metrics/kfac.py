@@ -44,9 +44,8 @@ import torch
 
 from flows.linalg import spd_solve
 from flows.metrics._base import Metric, _check_length, _positive_float, batched, block_diagonal_matrix
-from flows.metrics.layerwise import Layerwise
+from flows.metrics.layerwise import Layerwise, ensemble_directions
 from flows.modules import ConvOps, LinearOps, backward
-from flows.problem import output_gradient
 
 FORMS = ("kfac", "kfc", "exact")
 FALLBACKS = ("exact", "error")
@@ -235,20 +234,18 @@ class KFAC(Metric):
         f = KroneckerFactors(s, s + (root / pi) * _eye(s.shape[0], s), pi, root * pi, positions, bias, form, a, z)
         return f, (None if lam is None else lam.T @ x)  # the gradient as W̄ (C_out × m), as _solve_kron takes it
 
-    def _sweep(self, theta, *, costate: bool = False, coefficients: bool | None = None):
+    def _sweep(self, theta, *, costate: bool = False, coefficients: bool | None = None, flags: list | None = None):
         """One forward pass on the metric batch and one backward sweep of the factor rows. Per block:
         KroneckerFactors, or K_a (d × n_a) for the exact blocks; and with ``costate`` the block gradients — from
         the coefficients c of the output gradient in the factor rows where they reproduce it (exact blocks
         K_aᵀc, Kronecker blocks from λ recombined at the layer), else with λ riding along as one extra row per
-        sample. ``coefficients`` True or False imposes that choice (see :meth:`Layerwise._run`)."""
+        sample. ``coefficients`` and ``flags`` as for :meth:`Layerwise.direction_rows`."""
         lw, problem = self._layerwise, self.problem
         trace = self.graph.forward(problem.unflatten(theta), lw.inputs)
         y = trace.output
         c = None
         if costate:
-            lam = output_gradient(problem.loss_fn, y, lw.targets)
-            rows, c = lw.output_factor(y, lam, check=coefficients is None) if coefficients is not False else \
-                (lw.output_factor(y), None)
+            rows, lam, c = lw.direction_rows(y, coefficients=coefficients, flags=flags)
         else:
             rows = lw.output_factor(y)
         r = rows.shape[1]
@@ -335,8 +332,8 @@ class KFAC(Metric):
         _check_length(v, self.problem.num_params, "v")
         return batched(self._solve_one, theta, v)
 
-    def _direction_one(self, theta, coefficients=None):
-        found, grads = self._sweep(theta, costate=True, coefficients=coefficients)
+    def _direction_one(self, theta, coefficients=None, flags=None):
+        found, grads = self._sweep(theta, costate=True, coefficients=coefficients, flags=flags)
         return self._solve_found(found, grads)
 
     def natural_direction(self, theta: torch.Tensor) -> torch.Tensor:
@@ -347,8 +344,7 @@ class KFAC(Metric):
             return self.solve(theta, self.problem.grad(theta))
         if theta.ndim == 1:
             return self._direction_one(theta)
-        found = bool(torch.func.vmap(self._layerwise.coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
-        return batched(lambda t: self._direction_one(t, coefficients=found), theta)
+        return ensemble_directions(self._direction_one, theta)
 
     def _block_matrix(self, f, size):
         if not isinstance(f, KroneckerFactors):

@@ -90,6 +90,25 @@ def resolve_blocks(problem, blocks) -> list[tuple[str, slice, tuple[str, ...]]]:
     return out
 
 
+def ensemble_directions(direction_one, theta: torch.Tensor) -> torch.Tensor:
+    """Natural directions of an ensemble θ (..., N) by one vmapped sweep per member, ``direction_one(θ,
+    coefficients=…, flags=…)`` as :meth:`Layerwise.direction_rows` describes: first every member by the
+    coefficients of its output gradient, their test returned alongside (vmap cannot branch on it); only if some
+    member's coefficients do not reproduce its gradient, all again with the costate riding along. No pass is added
+    where the coefficients serve, which is the common case."""
+    flat = theta.reshape(-1, theta.shape[-1])
+
+    def by_coefficients(t):
+        flags: list = []
+        direction = direction_one(t, coefficients=True, flags=flags)
+        return direction, torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+    directions, reproduced = torch.func.vmap(by_coefficients)(flat)
+    if not bool(reproduced.all()):
+        directions = torch.func.vmap(lambda t: direction_one(t, coefficients=False))(flat)
+    return directions.reshape(theta.shape)
+
+
 class Layerwise(Metric):
     """Block-diagonal layerwise metric G_a = μI + K_aᵀK_a over the blocks of θ (MATH.md §2.2–2.4).
 
@@ -201,16 +220,22 @@ class Layerwise(Metric):
         rows = rows.reshape(*rows.shape[:2], *outputs.shape[1:])
         return (rows, None if c is None else c.reshape(-1)) if lam is not None else rows
 
-    def coefficients_found(self, theta: torch.Tensor) -> torch.Tensor:
-        """Whether the output gradient at θ is a combination of the factor rows that reproduces it accurately
-        (:meth:`output_factor`), as a boolean tensor: decided before an ensemble's vmapped sweep."""
-        y = self.problem.outputs(theta, self.inputs)
-        lam = output_gradient(self.problem.loss_fn, y, self.targets)
-        rows, c = self.output_factor(y, lam, check=False)
-        return coefficients_reproduce(rows, c.reshape(rows.shape[:2]), lam) if c is not None else \
-            torch.zeros((), dtype=torch.bool)
+    def direction_rows(self, outputs: torch.Tensor, *, coefficients: bool | None = None, flags: list | None = None):
+        """What a natural-direction sweep starts from at the network outputs: (rows, λ, c) with λ the output gradient
+        and c its coefficients in the rows (:meth:`output_factor`), or None where λ must ride along as a row.
+        ``coefficients``: None — c where :func:`coefficients_reproduce` accepts it; False — never; True — c
+        unchecked, its test appended to ``flags`` as a boolean tensor (under ``vmap``, which cannot branch on it,
+        :func:`ensemble_directions` reads it afterwards)."""
+        lam = output_gradient(self.problem.loss_fn, outputs, self.targets)
+        if coefficients is False:
+            return self.output_factor(outputs), lam, None
+        rows, c = self.output_factor(outputs, lam, check=coefficients is None)
+        if coefficients and c is not None:
+            flags.append(coefficients_reproduce(rows, c.reshape(rows.shape[:2]), lam))
+        return rows, lam, c
 
-    def _run(self, theta, on_direct, on_collect, *, costate: bool = False, coefficients: bool | None = None):
+    def _run(self, theta, on_direct, on_collect, *, costate: bool = False, coefficients: bool | None = None,
+             flags: list | None = None):
         """Forward on the metric batch and the backward sweep of factor rows. ``on_direct(i, node, ins, p, rows,
         grad, k)`` at nodes that are a whole block; ``on_collect(node, k, grad)`` with K (d × n_node) and the node
         gradient at the others.
@@ -218,16 +243,14 @@ class Layerwise(Metric):
         With ``costate`` the sweep serves the natural direction. Where the output gradient λ is a combination
         rowsᵀc of the factor rows (:meth:`output_factor`), every block gradient is K_aᵀc and the sweep carries the
         factor rows alone: grad is None, on_direct gets c as its last argument, and c is returned. Otherwise λ
-        rides along as one extra row per sample, grad is the block gradient, and c is None. ``coefficients``
-        True or False imposes the choice, made beforehand (an ensemble decides outside its vmap)."""
+        rides along as one extra row per sample, grad is the block gradient, and c is None. ``coefficients`` and
+        ``flags`` as for :meth:`direction_rows`."""
         params = self.problem.unflatten(theta)
         trace = self.graph.forward(params, self.inputs)
         y = trace.output
         c = None
         if costate:
-            lam = output_gradient(self.problem.loss_fn, y, self.targets)
-            rows, c = self.output_factor(y, lam, check=coefficients is None) if coefficients is not False else \
-                (self.output_factor(y), None)
+            rows, lam, c = self.direction_rows(y, coefficients=coefficients, flags=flags)
             costate = c is None
         else:
             rows = self.output_factor(y)
@@ -253,7 +276,7 @@ class Layerwise(Metric):
         backward(self.graph, trace, rows, visit)
         return c
 
-    def _gather(self, theta, vectors, *, costate: bool = False, solve: bool = True, coefficients=None):
+    def _gather(self, theta, vectors, *, costate: bool = False, solve: bool = True, coefficients=None, flags=None):
         """Per block: the solve G_a⁻¹ v_a (``solve``) or K_a (not ``solve``); with ``costate`` v is the gradient
         (as K_aᵀc where the sweep found coefficients c, see :meth:`_run`)."""
         out = [None] * len(self.blocks)
@@ -278,7 +301,7 @@ class Layerwise(Metric):
                 if grad is not None:
                     g_acc[i][bcols] += grad[cols]
 
-        c = self._run(theta, on_direct, on_collect, costate=costate, coefficients=coefficients)
+        c = self._run(theta, on_direct, on_collect, costate=costate, coefficients=coefficients, flags=flags)
         d = None
         for i, (name, sl, _) in enumerate(self.blocks):
             if out[i] is not None:
@@ -361,8 +384,8 @@ class Layerwise(Metric):
         _check_length(v, self.problem.num_params, "v")
         return batched(self._solve_one, theta, v)
 
-    def _direction_one(self, theta, coefficients=None):
-        return torch.cat(self._gather(theta, None, costate=True, coefficients=coefficients))
+    def _direction_one(self, theta, coefficients=None, flags=None):
+        return torch.cat(self._gather(theta, None, costate=True, coefficients=coefficients, flags=flags))
 
     def natural_direction(self, theta: torch.Tensor) -> torch.Tensor:
         """G(θ)⁻¹∇L(θ) from one sweep, without a separate gradient pass. Where the output gradient is a combination
@@ -374,8 +397,7 @@ class Layerwise(Metric):
             return self.solve(theta, self.problem.grad(theta))
         if theta.ndim == 1:
             return self._direction_one(theta)
-        found = bool(torch.func.vmap(self.coefficients_found)(theta.reshape(-1, theta.shape[-1])).all())
-        return batched(lambda t: self._direction_one(t, coefficients=found), theta)
+        return ensemble_directions(self._direction_one, theta)
 
     def block_factors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """K_a materialised per block (d × n_a), for tests and diagnostics. Memory O(d·N)."""
