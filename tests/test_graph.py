@@ -354,7 +354,9 @@ def test_forward_arguments_with_defaults_are_fixed_at_them():
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(1, 8), st.integers(1, 7)),
        seed=st.integers(0, 1000))
 def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilation, size, seed):
-    """pull_rows (GEMM to the kernel taps, then col2im by one index_add_) against autograd's vjp of F.conv2d."""
+    """pull_rows (GEMM to the kernel taps, then col2im by sub-lattice copies and adds) against autograd's vjp of
+    F.conv2d; and under vmap over the weight alone (its buffer must be batched when the rows are not) and
+    forward-mode AD in the weight, which the ensembles and the moving metric use."""
     from flows.modules.conv import pull_rows
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
@@ -370,6 +372,29 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape
     assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)
+    weights = torch.stack([weight, torch.randn(weight.shape, generator=g, dtype=torch.float64)])
+    batched = torch.func.vmap(lambda w: pull_rows(rows, w, size, stride, padding, dilation))(weights)
+    assert torch.allclose(batched[1], pull_rows(rows, weights[1], size, stride, padding, dilation), rtol=1e-13,
+                          atol=1e-13)
+    _, tangent = torch.func.jvp(lambda w: pull_rows(rows, w, size, stride, padding, dilation), (weight,),
+                                (weights[1],))
+    assert torch.allclose(tangent, batched[1], rtol=1e-12, atol=1e-12)  # the pull is linear in the weight
+
+
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(1, 8), st.integers(1, 7)),
+       seed=st.integers(0, 1000))
+def test_conv_patches_are_those_of_unfold(kernel, stride, padding, dilation, size, seed):
+    """unfold_patches (a copy out of the padded input's window view) equals F.unfold exactly, also under vmap."""
+    from flows.modules.conv import unfold_patches
+    extent = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(size, padding, dilation, kernel)]
+    assume(min(extent) >= 1)
+    x = torch.randn(3, 2, 3, *size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = torch.stack([F.unfold(xi, kernel, dilation=dilation, padding=padding, stride=stride) for xi in x])
+    assert torch.equal(unfold_patches(x[0], kernel, stride, padding, dilation), expected[0])
+    batched = torch.func.vmap(lambda xi: unfold_patches(xi, kernel, stride, padding, dilation))(x)
+    assert torch.equal(batched, expected)
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (3, 2, 2)])
