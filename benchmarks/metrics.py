@@ -14,13 +14,16 @@ Rows: the plain gradient (the baseline), Layerwise (one sweep, no gradient pass)
 exists; one sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with one sampled-Fisher row per sample
 (``output="sampled_fisher"``: Martens & Grosse's Monte-Carlo Fisher, in the network configs only) and
 NaturalGradient (Woodbury over the whole network). GradientFlow asks a metric with ``natural_direction`` for it, so
-the fused calls are what a flow pays. Each candidate
-is timed in its own block after its own warm-up (``_common.time_each``), in two passes over all candidates: min and
-median over the repeats (the smaller of the two passes, so that a pass in which another process held the cores does
-not decide a ratio), and the ratios to the gradient from both. The dense references (BlockDiagonal's dense blocks
-and the dense GGN solve) run once per size, and only where they take seconds: MLP 64-32-32-10 at batch 32 and the
-CNN. Dropped from earlier versions to keep a full run near five minutes: dense solves at MLP 64-128-128-10 (27 s
-and 54 s on a quiet machine) and the largest points of both width sweeps (width 2048; dense widths 80 and 96).
+the fused calls are what a flow pays. Each candidate is timed in its own block after its own warm-up
+(``_common.time_each``), in five passes over all candidates of 13 timed calls each (65 per candidate): min over all
+of them, and the smallest of the five passes' medians, so that a pass in which another process held the cores does
+not decide a ratio; the ratios to the gradient from both. The machine's speed drifts by ±15 % over tens of seconds,
+longer than a block: five short passes sample each candidate in five phases of that drift, where two long ones
+(2 × 31, the earlier protocol) sampled two, and the min of a candidate that ran only in slow phases decided its
+ratio. Per-pass mins are kept in the results file. The dense references (BlockDiagonal's dense blocks and the dense
+GGN solve) run once per size, and only where they take seconds: MLP 64-32-32-10 at batch 32 and the CNN. Dropped
+from earlier versions to keep a full run near five minutes: dense solves at MLP 64-128-128-10 (27 s and 54 s on a
+quiet machine) and the largest points of both width sweeps (width 2048; dense widths 80 and 96).
 
 Targets (issue 12): Layerwise ≤ 6× the gradient on the CNN and ≤ 4× on MLP 64-128-128-10 at batch 32; K-FAC ≤ 3×
 on the CNN. Width sweep at batch 32: fitted exponent of time in N, ≈ 1 for Layerwise against ≈ 3 for dense.
@@ -128,13 +131,17 @@ def working(calls: dict) -> tuple[dict, dict]:
     return ok, failed
 
 
-def timed(calls: dict, repeats: int, rounds: int = 2) -> dict:
+ROUNDS = 5
+
+
+def timed(calls: dict, repeats: int, rounds: int = ROUNDS) -> dict:
     """``rounds`` passes of :func:`_common.time_each` (every candidate in its own block after its own warm-up);
     per candidate the smallest min and the smallest median over the passes, so that a pass in which another
-    process held the cores does not decide a ratio on a shared machine."""
+    process held the cores does not decide a ratio on a shared machine, and every pass's min."""
     passes = [time_each(calls, repeats=repeats) for _ in range(rounds)]
     return {name: {"min_s": min(p[name]["min_s"] for p in passes),
-                   "median_s": min(p[name]["median_s"] for p in passes)} for name in calls}
+                   "median_s": min(p[name]["median_s"] for p in passes),
+                   "pass_min_s": [p[name]["min_s"] for p in passes]} for name in calls}
 
 
 def run_config(label, problem, repeats, *, dense=False, generic=False, natural=True):
@@ -148,7 +155,8 @@ def run_config(label, problem, repeats, *, dense=False, generic=False, natural=T
            "d": problem.batch_size * int(problem.outputs(theta[None])[0].shape[-1]),
            "blocks": [b.name for b in problem.blocks],
            "median_s": {k: v["median_s"] for k, v in timing.items()},
-           "min_s": {k: v["min_s"] for k, v in timing.items()}, "failed": failed}
+           "min_s": {k: v["min_s"] for k, v in timing.items()},
+           "pass_min_s": {k: v["pass_min_s"] for k, v in timing.items()}, "failed": failed}
     for name in timing:
         if name != "gradient":
             row[f"{name}_over_gradient"] = row["median_s"][name] / row["median_s"]["gradient"]
@@ -201,7 +209,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func's attention fallback
     load_before = os.getloadavg()
     started = time.perf_counter()
-    repeats = 5 if args.quick else 31
+    repeats = 5 if args.quick else 13
     if args.quick:
         configs = [("MLP 64-32-32-10", lambda: mlp_problem([64, 32, 32, 10], 8), {"dense": True}),
                    ("CNN 4-4", lambda: cnn_problem(8, channels=4), {"dense": True, "generic": True}),
@@ -224,8 +232,8 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
 
     names = ["gradient", "layerwise", "layerwise_generic", "kfac", "kfac_sampled", "natural_gradient"]
-    print(f"\ntime per natural direction (ms, min over 2 × {repeats} after warm-up, each candidate in its own block), "
-          f"float64, {torch.get_num_threads()} threads, μ = {MU}; load average {load_before[0]:.1f} → "
+    print(f"\ntime per natural direction (ms, min over {ROUNDS} × {repeats} after warm-up, each candidate in its own "
+          f"block), float64, {torch.get_num_threads()} threads, μ = {MU}; load average {load_before[0]:.1f} → "
           f"{load_after[0]:.1f}")
     header = f"{'network':<19}{'batch':>6}{'N':>8}{'d':>6}" + "".join(f"{n:>19}" for n in names)
     print(header + f"{'BD dense':>10}{'GGN dense':>11}")

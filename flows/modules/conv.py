@@ -1,10 +1,10 @@
 """Convolutions y = W ⋆ x + b (Conv1d, Conv2d; zero padding, groups = 1) and their structured products.
 
-Write U_b (C_in·k, P) for the unfolded input patches of sample b (``F.unfold``) and l_{b,r} (C_out, P) for factor
-row (b, r) at the output (P output positions). The weight is shared over positions, so
+Write U_b (C_in·k, P) for the unfolded input patches of sample b (``F.unfold``'s layout, :func:`unfold_patches`)
+and l_{b,r} (C_out, P) for factor row (b, r) at the output (P output positions). The weight is shared over positions, so
 
     K_{(b,r)} = vec(l_{b,r} U_bᵀ) ⊕ Σ_p l_{b,r,:,p}        (W row-major (C_out, C_in·k), then b)
-    rows · A   = conv_transpose(l_{b,r}, W)                (torch.nn.grad.conv{1,2}d_input)
+    rows · A   = conv_transpose(l_{b,r}, W)                (:func:`pull_rows`: one GEMM to the taps, then col2im)
     B_bᵀ λ_b   = λ_b U_bᵀ summed over samples              (the block gradient)
 
 K is formed from the patches in O(B·R·C_out·C_in·k·P) — never through per-sample Jacobians; the inner Gram of the
