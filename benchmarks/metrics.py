@@ -144,13 +144,25 @@ def timed(calls: dict, repeats: int, rounds: int = ROUNDS) -> dict:
                    "pass_min_s": [p[name]["min_s"] for p in passes]} for name in calls}
 
 
+def machine_gauge(repeats: int = 15) -> float:
+    """The machine's state when a config is timed: the min time (s) of a fixed memory- and BLAS-heavy product, the
+    Gram of a 288 × 2 304 float64 matrix (the benchmark CNN's largest Layerwise product), 2 threads. ≈ 3.7 ms on
+    this machine when it is quiet; a neighbour on the shared cores or memory bus slows it, and the memory-heavy
+    metrics with it, more than the plain gradient. Context for the ratios, not a correction of them."""
+    k = torch.randn(288, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return min(once(lambda: k @ k.T) for _ in range(repeats + 2))
+
+
 def run_config(label, problem, repeats, *, dense=False, generic=False, natural=True):
     theta = problem.theta0
     calls, failed = working(candidates(problem, theta, natural=natural, generic=generic, sampled=True))
     for name, reason in failed.items():
         print(f"  {name} not timed: {reason}", flush=True)
+    gauge_before = machine_gauge()
     timing = timed(calls, repeats)
+    gauge_after = machine_gauge()
     row = {"network": label, "batch": problem.batch_size, "N": problem.num_params,
+           "machine_gauge_s": [gauge_before, gauge_after],
            "kfac_forms": KFAC(problem, damping=MU).describe()["forms"],
            "d": problem.batch_size * int(problem.outputs(theta[None])[0].shape[-1]),
            "blocks": [b.name for b in problem.blocks],
@@ -236,11 +248,12 @@ def main(argv=None) -> int:
           f"block), float64, {torch.get_num_threads()} threads, μ = {MU}; load average {load_before[0]:.1f} → "
           f"{load_after[0]:.1f}")
     header = f"{'network':<19}{'batch':>6}{'N':>8}{'d':>6}" + "".join(f"{n:>19}" for n in names)
-    print(header + f"{'BD dense':>10}{'GGN dense':>11}")
+    print(header + f"{'BD dense':>10}{'GGN dense':>11}{'gauge':>14}")
     for r in rows:
         print(f"{r['network']:<19}{r['batch']:>6}{r['N']:>8}{r['d']:>6}"
               + "".join(f"{fmt(r['min_s'].get(n)):>19}" for n in names)
-              + f"{fmt(r['block_diagonal_dense_s']):>10}{fmt(r['dense_ggn_s']):>11}")
+              + f"{fmt(r['block_diagonal_dense_s']):>10}{fmt(r['dense_ggn_s']):>11}"
+              + f"{fmt(r['machine_gauge_s'][0])}→{fmt(r['machine_gauge_s'][1])}".rjust(14))
     print("\nratio to the gradient, min (median):")
     for r in rows:
         cells = []
@@ -274,7 +287,9 @@ def main(argv=None) -> int:
         print(f"\ntargets: Layerwise/gradient CNN {conv['layerwise_over_gradient_min']:.2f} (≤ 6), MLP 64-128-128-10 "
               f"b32 {mlp['layerwise_over_gradient_min']:.2f} (≤ 4); K-FAC/gradient CNN "
               f"{conv['kfac_over_gradient_min']:.2f} (≤ 3; sampled Fisher "
-              f"{conv.get('kfac_sampled_over_gradient_min', float('nan')):.2f})")
+              f"{conv.get('kfac_sampled_over_gradient_min', float('nan')):.2f}); machine gauge (ms, ≈ 3.7 quiet) "
+              f"MLP {fmt(mlp['machine_gauge_s'][0])}→{fmt(mlp['machine_gauge_s'][1])}, CNN "
+              f"{fmt(conv['machine_gauge_s'][0])}→{fmt(conv['machine_gauge_s'][1])}")
     elapsed = time.perf_counter() - started
     path = write_results("metrics", {"quick": args.quick, "mu": MU, "repeats": repeats, "configs": rows,
                                      "width_sweep": sweep, "dense_width_sweep": dense_sweep, "exponents": exponents,
