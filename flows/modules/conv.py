@@ -33,9 +33,10 @@ def supports(module: nn.Module) -> bool:
 def _fold_plan(size: int, out: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple:
     """How the taps of one spatial axis fold back onto the input axis, by residue class (polyphase): input
     position y = s·q + i·d − p receives tap i of output position q. Write y = s·m + ρ; the taps with
-    i·d − p ≡ ρ (mod s) land on the sub-lattice ρ, tap i at m = q + δ_i with δ_i = (i·d − p − ρ)/s. Per class ρ
-    (skipping empty ones): (ρ, its length M_ρ, [(i, destination slice of m, source slice of q), …]) — the slices
-    keep 0 ≤ m < M_ρ and 0 ≤ q < out. Cached per axis geometry."""
+    i·d − p ≡ ρ (mod s) land on the sub-lattice ρ, tap i at m = q + δ_i with δ_i = (i·d − p − ρ)/s. Per class
+    ρ < min(s, size): (ρ, its length M_ρ, ((i, destination slice of m, source slice of q), …)) — the slices keep
+    0 ≤ m < M_ρ and 0 ≤ q < out; a class no tap reaches has no entries (its positions get zero). Cached per axis
+    geometry."""
     classes = []
     for rho in range(min(stride, size)):
         length = len(range(rho, size, stride))
@@ -57,8 +58,8 @@ def unfold_patches(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.
     returns them, by one copy out of a window view: the zero-padded input's sliding windows (``Tensor.unfold``
     twice, dilation by slicing each window) hold U_b[(c, i, j), (q, q')] = x_pad[b, c, s_h·q + d_h·i,
     s_w·q' + d_w·j]. Views and one copy, so it batches under ``torch.func.vmap`` and differentiates like
-    ``F.unfold``; 98 against 129 µs for the benchmark CNN's second convolution (32 × 16 × 8 × 8, 3 × 3, stride
-    2; min of 400 calls, 2 threads), whose im2col loop is not vectorised. Cost O(B·C·k·P)."""
+    ``F.unfold``; 98–135 against 129–186 µs for the benchmark CNN's second convolution (32 × 16 × 8 × 8, 3 × 3,
+    stride 2; min of 400 calls in two sessions, 2 threads), whose im2col loop is not vectorised. Cost O(B·C·k·P)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
@@ -81,8 +82,9 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
 
     For the benchmark CNN's second convolution (288 rows, 16 → 16 channels, 4 × 4 → 8 × 8, stride 2) this takes
     0.61–0.73 ms against 0.73–0.94 ms for one ``index_add_`` of all taps into a zeroed buffer and 1.30 ms for
-    ``torch.nn.grad.conv2d_input`` in float64; at stride 1 (8 × 8, 3 × 3, padding 1) 3.2–4.3 against 9.6–10.0 ms
-    (min of 300 calls, 2 threads). Out-of-place where it matters: the buffer is allocated from T, so it batches
+    ``torch.nn.grad.conv2d_input`` in float64; for the same rows at stride 1 (8 × 8 → 8 × 8, padding 1) 3.2–4.3
+    against 9.6–10.0 ms (min of 300 calls, isolated, 2 threads; inside the metrics' sweep the gain is within this
+    machine's noise). Out-of-place where it matters: the buffer is allocated from T, so it batches
     under ``torch.func.vmap`` over the rows, the weight or both, and forward- and reverse-mode AD go through it.
     Cost O(N·P·C_out·C_in·k) for the GEMM plus O(N·P·k·C_in) for the adds.
     """
