@@ -372,13 +372,15 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape
     assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)
-    weights = torch.stack([weight, torch.randn(weight.shape, generator=g, dtype=torch.float64)])
-    batched = torch.func.vmap(lambda w: pull_rows(rows, w, size, stride, padding, dilation))(weights)
-    assert torch.allclose(batched[1], pull_rows(rows, weights[1], size, stride, padding, dilation), rtol=1e-13,
-                          atol=1e-13)
-    _, tangent = torch.func.jvp(lambda w: pull_rows(rows, w, size, stride, padding, dilation), (weight,),
-                                (weights[1],))
-    assert torch.allclose(tangent, batched[1], rtol=1e-12, atol=1e-12)  # the pull is linear in the weight
+    other = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    _, other_vjp = torch.func.vjp(lambda inp: F.conv2d(inp, other, stride=stride, padding=padding,
+                                                       dilation=dilation), x)
+    expected = torch.stack([vjp(rows)[0], other_vjp(rows)[0]])
+    batched = torch.func.vmap(lambda w: pull_rows(rows, w, size, stride, padding, dilation))(
+        torch.stack([weight, other]))
+    assert torch.allclose(batched, expected, rtol=1e-12, atol=1e-12)
+    _, tangent = torch.func.jvp(lambda w: pull_rows(rows, w, size, stride, padding, dilation), (weight,), (other,))
+    assert torch.allclose(tangent, expected[1], rtol=1e-12, atol=1e-12)  # the pull is linear in the weight
 
 
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),

@@ -29,14 +29,12 @@ def supports(module: nn.Module) -> bool:
         and not isinstance(module.padding, str)
 
 
-@functools.lru_cache(maxsize=256)
-def _fold_plan(size: int, out: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple:
+def _axis_classes(size: int, out: int, kernel: int, stride: int, padding: int, dilation: int) -> list:
     """How the taps of one spatial axis fold back onto the input axis, by residue class (polyphase): input
     position y = s·q + i·d − p receives tap i of output position q. Write y = s·m + ρ; the taps with
     i·d − p ≡ ρ (mod s) land on the sub-lattice ρ, tap i at m = q + δ_i with δ_i = (i·d − p − ρ)/s. Per class
-    ρ < min(s, size): (ρ, its length M_ρ, ((i, destination slice of m, source slice of q), …)) — the slices keep
-    0 ≤ m < M_ρ and 0 ≤ q < out; a class no tap reaches has no entries (its positions get zero). Cached per axis
-    geometry."""
+    ρ < min(s, size): (ρ, [(i, whether it covers the whole sub-lattice, destination slice of m, source slice of
+    q), …]) — the slices keep 0 ≤ m < M_ρ and 0 ≤ q < out; a class no tap reaches has no entries."""
     classes = []
     for rho in range(min(stride, size)):
         length = len(range(rho, size, stride))
@@ -48,9 +46,26 @@ def _fold_plan(size: int, out: int, kernel: int, stride: int, padding: int, dila
             delta = (offset - rho) // stride
             lo, hi = max(0, delta), min(length, out + delta)
             if lo < hi:
-                taps.append((i, slice(lo, hi), slice(lo - delta, hi - delta)))
-        classes.append((rho, length, tuple(taps)))
-    return tuple(classes)
+                taps.append((i, lo == 0 and hi == length, slice(lo, hi), slice(lo - delta, hi - delta)))
+        classes.append((rho, taps))
+    return classes
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_plan(size: tuple, out: tuple, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple) -> tuple:
+    """Per sub-lattice (ρ_h, ρ_w) of the input (:func:`_axis_classes` on each axis): (ρ_h, ρ_w, first, adds) —
+    ``first`` a tap (i, j, destination slices, source slices) that covers the whole sub-lattice, copied onto it,
+    or None (the sub-lattice is zeroed), and ``adds`` the other taps, added as shifted slices. Cached per
+    geometry, so a pull only runs the copies and adds."""
+    plan = []
+    for rho_y, taps_y in _axis_classes(size[0], out[0], kernel[0], stride[0], padding[0], dilation[0]):
+        for rho_x, taps_x in _axis_classes(size[1], out[1], kernel[1], stride[1], padding[1], dilation[1]):
+            pairs = [(i, j, whole_y and whole_x, dst_y, dst_x, src_y, src_x)
+                     for i, whole_y, dst_y, src_y in taps_y for j, whole_x, dst_x, src_x in taps_x]
+            first = next((pair for pair in pairs if pair[2]), None)
+            adds = tuple(pair for pair in pairs if pair is not first)
+            plan.append((rho_y, rho_x, first, adds))
+    return tuple(plan)
 
 
 def unfold_patches(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
@@ -94,21 +109,16 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
     taps = rows.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
     taps = taps.view(n, oh, ow, kh, kw, c_in)
     out = taps.new_empty(n, h, w, c_in)
-    plan_y = _fold_plan(h, oh, kh, stride[0], padding[0], dilation[0])
-    plan_x = _fold_plan(w, ow, kw, stride[1], padding[1], dilation[1])
-    for rho_y, length_y, taps_y in plan_y:
-        for rho_x, length_x, taps_x in plan_x:
-            lattice = out[:, rho_y::stride[0], rho_x::stride[1], :]
-            pairs = [(a, b) for a in taps_y for b in taps_x]
-            whole = next((k for k, (a, b) in enumerate(pairs)
-                          if a[1] == slice(0, length_y) and b[1] == slice(0, length_x)), None)
-            if whole is None:
-                lattice.zero_()
-            else:
-                (i, _, src_y), (j, _, src_x) = pairs.pop(whole)
-                lattice.copy_(taps[:, src_y, src_x, i, j, :])
-            for (i, dst_y, src_y), (j, dst_x, src_x) in pairs:
-                lattice[:, dst_y, dst_x, :] += taps[:, src_y, src_x, i, j, :]
+    plan = _fold_plan((h, w), (oh, ow), (kh, kw), tuple(stride), tuple(padding), tuple(dilation))
+    for rho_y, rho_x, first, adds in plan:
+        lattice = out[:, rho_y::stride[0], rho_x::stride[1], :]
+        if first is None:
+            lattice.zero_()
+        else:
+            i, j, _, _, _, src_y, src_x = first
+            lattice.copy_(taps[:, src_y, src_x, i, j, :])
+        for i, j, _, dst_y, dst_x, src_y, src_x in adds:
+            lattice[:, dst_y, dst_x, :] += taps[:, src_y, src_x, i, j, :]
     return out.permute(0, 3, 1, 2)
 
 
