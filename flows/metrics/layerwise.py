@@ -22,6 +22,13 @@ The natural direction needs no gradient pass where the output gradient is a comb
 
 for every block at once, so the sweep carries the factor rows alone and neither the block gradient nor K_a g is
 formed (:meth:`Layerwise.natural_direction`).
+
+Not used, on purpose: the block of a Linear layer that produces softmax logits, μI + Σ_b (diag p_b − p_bp_bᵀ)/B ⊗
+x̃_bx̃_bᵀ, can be inverted by a Woodbury per class (C systems of size B) and a second one for the rank-B part −ppᵀ,
+in place of the d × d dual. It was 0.2 ms faster on the benchmark MLP (2.44 against 2.64 ms, min of an in-process
+A/B) and agreed with the dual to 1e-15 there, but the nested inversion loses accuracy as cond² where the layer's
+inputs are (nearly) linearly dependent — a repeated sample suffices: 4e-4 against 2.4e-10 relative error at
+μ = 1e-6 with 8 of 32 samples repeated. The dual's Cholesky keeps rounding × cond in every case.
 """
 
 from __future__ import annotations
