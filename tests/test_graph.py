@@ -1,6 +1,9 @@
 """The module graph and its sweep (MATH.md §2.4): costates against autograd at every node, structured against
 generic operators, and the errors for models the graph cannot read."""
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,7 @@ from torch import nn
 
 import flows
 from flows.metrics import Layerwise
+from flows.modules import conv as conv_module
 from flows.modules import costates, read
 
 
@@ -352,14 +356,14 @@ def test_forward_arguments_with_defaults_are_fixed_at_them():
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(1, 8), st.integers(1, 7)),
-       seed=st.integers(0, 1000))
-def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilation, size, seed):
+       seed=st.integers(0, 1000), chunk=st.sampled_from([None, 1, 2]))
+def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilation, size, seed, chunk):
     """pull_rows (GEMM to the kernel taps, then col2im by sub-lattice copies and adds) against autograd's vjp of
     F.conv2d; and under vmap over the weight alone (its buffer must be batched when the rows are not) and
-    forward-mode AD in the weight, which the ensembles and the moving metric use."""
-    from flows.modules.conv import pull_rows
+    forward-mode AD in the weight, which the ensembles and the moving metric use. ``chunk``: the rows go in
+    chunks of that many (the path for large tap products), else in one piece."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 3, *size, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 3, *kernel, generator=g, dtype=torch.float64)
     extent = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(size, padding, dilation, kernel)]
     assume(min(extent) >= 1)
@@ -369,6 +373,15 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
 
     out, vjp = torch.func.vjp(conv, x)
     rows = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    with contextlib.ExitStack() as stack:
+        if chunk is not None:  # the threshold at 0 and chunks of exactly ``chunk`` rows (3 rows: 1+1+1 or 2+1)
+            per_row = out[0].numel() // weight.shape[0] * weight[0].numel() * 8
+            stack.enter_context(mock.patch.object(conv_module, "PULL_WHOLE_BYTES", 0))
+            stack.enter_context(mock.patch.object(conv_module, "PULL_CHUNK_BYTES", chunk * per_row))
+        _check_pull(conv_module.pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g)
+
+
+def _check_pull(pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g):
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape
     assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)

@@ -83,6 +83,10 @@ def unfold_patches(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.
     return windows.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, oh * ow)
 
 
+PULL_WHOLE_BYTES = 12 << 20  # tap products up to this size are formed in one GEMM
+PULL_CHUNK_BYTES = 4 << 20  # above it, in chunks of rows of about this size
+
+
 def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, dilation) -> torch.Tensor:
     """The transposed convolution of rows (N, C_out, P_h, P_w) onto an input of spatial ``size`` (H, W): the rows
     times the convolution's input Jacobian, (N, C_in, H, W), for zero padding and one group.
@@ -95,21 +99,42 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
     onto it and the others are added as whole (rows, m, m', channels) slices; a sub-lattice that no tap covers
     whole is zeroed first. Returned as a permuted view of an (N, H, W, C_in) buffer, channels innermost in memory.
 
-    For the benchmark CNN's second convolution (288 rows, 16 → 16 channels, 4 × 4 → 8 × 8, stride 2) this takes
-    0.61–0.73 ms against 0.73–0.94 ms for one ``index_add_`` of all taps into a zeroed buffer and 1.30 ms for
-    ``torch.nn.grad.conv2d_input`` in float64; for 288 rows, 16 → 16 channels at stride 1 (8 × 8, padding 1) 3.2–4.3
-    against 9.6–10.0 ms (min of 300 calls, isolated, 2 threads; inside the metrics' sweep the gain is within this
-    machine's noise). Out-of-place where it matters: the buffer is allocated from T, so it batches
-    under ``torch.func.vmap`` over the rows, the weight or both, and forward- and reverse-mode AD go through it.
-    Cost O(N·P·C_out·C_in·k) for the GEMM plus O(N·P·k·C_in) for the adds.
+    T holds k_h·k_w·C_in numbers per output position of every row. Beyond ``PULL_WHOLE_BYTES`` the rows go in
+    chunks whose T is about ``PULL_CHUNK_BYTES``, each folded into its slice of the buffer while T is still in
+    cache: 0.44–0.60× the time of one T at 15–40 MB (stride 1: 288 rows, 16 → 16 or 32 → 32 channels on 8 × 8;
+    32 rows, 64 → 64 on 16 × 16; 128 rows, 8 → 8 on 16 × 16), 0.81–1.06× at 9–10 MB and 1.7× — a loss from the
+    extra calls — at 5 MB (stride 2), hence the threshold (min of in-process A/Bs in alternating blocks, 2 threads,
+    float64).
+
+    For the benchmark CNN's second convolution (288 rows, 16 → 16 channels, 4 × 4 → 8 × 8, stride 2, T of 5 MB in
+    one piece) this takes 0.61–0.73 ms against 0.73–0.94 ms for one ``index_add_`` of all taps into a zeroed
+    buffer and 1.30 ms for ``torch.nn.grad.conv2d_input`` in float64; for 288 rows, 16 → 16 channels at stride 1
+    (8 × 8, padding 1) 3.2–4.3 against 9.6–10.0 ms unchunked (min of 300 calls, isolated, 2 threads; inside the
+    metrics' sweep the gain is within this machine's noise). Out-of-place where it matters: the buffer is
+    allocated from T, so it batches under ``torch.func.vmap`` over the rows, the weight or both, and forward- and
+    reverse-mode AD go through it. Cost O(N·P·C_out·C_in·k) for the GEMM plus O(N·P·k·C_in) for the adds.
     """
     (kh, kw), (h, w) = weight.shape[2:], size
     n, c_out, oh, ow = rows.shape
     c_in = weight.shape[1]
-    taps = rows.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
-    taps = taps.view(n, oh, ow, kh, kw, c_in)
-    out = taps.new_empty(n, h, w, c_in)
+    per_row = oh * ow * kh * kw * c_in * rows.element_size()
+    chunk = n if per_row * n <= PULL_WHOLE_BYTES else max(1, PULL_CHUNK_BYTES // per_row)
+    by_position = rows.permute(0, 2, 3, 1)
+    kernel = weight.permute(0, 2, 3, 1).reshape(c_out, -1)
     plan = _fold_plan((h, w), (oh, ow), (kh, kw), tuple(stride), tuple(padding), tuple(dilation))
+    out = None
+    for start in range(0, n, chunk):
+        part = by_position[start:start + chunk]
+        taps = (part.reshape(-1, c_out) @ kernel).view(part.shape[0], oh, ow, kh, kw, c_in)
+        if out is None:
+            out = taps.new_empty(n, h, w, c_in)
+        _fold(taps, out[start:start + part.shape[0]], plan, stride)
+    return out.permute(0, 3, 1, 2)
+
+
+def _fold(taps: torch.Tensor, out: torch.Tensor, plan: tuple, stride) -> None:
+    """col2im of the tap products ``taps`` (N, P_h, P_w, k_h, k_w, C_in) into ``out`` (N, H, W, C_in) by the
+    sub-lattice copies and adds of ``plan`` (:func:`_fold_plan`)."""
     for rho_y, rho_x, first, adds in plan:
         lattice = out[:, rho_y::stride[0], rho_x::stride[1], :]
         if first is None:
@@ -119,7 +144,6 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
             lattice.copy_(taps[:, src_y, src_x, i, j, :])
         for i, j, _, dst_y, dst_x, src_y, src_x in adds:
             lattice[:, dst_y, dst_x, :] += taps[:, src_y, src_x, i, j, :]
-    return out.permute(0, 3, 1, 2)
 
 
 class ConvOps:
