@@ -101,10 +101,10 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
 
     T holds k_h·k_w·C_in numbers per output position of every row. Beyond ``PULL_WHOLE_BYTES`` the rows go in
     chunks whose T is about ``PULL_CHUNK_BYTES``, each folded into its slice of the buffer while T is still in
-    cache: 0.44–0.60× the time of one T at 15–40 MB (stride 1: 288 rows, 16 → 16 or 32 → 32 channels on 8 × 8;
-    32 rows, 64 → 64 on 16 × 16; 128 rows, 8 → 8 on 16 × 16), 0.81–1.06× at 9–10 MB and 1.7× — a loss from the
-    extra calls — at 5 MB (stride 2), hence the threshold (min of in-process A/Bs in alternating blocks, 2 threads,
-    float64).
+    cache. ``python benchmarks/conv_pull.py``: 0.39–0.63× the time of one T at 18–40 MB (stride 1: 288 rows,
+    16 → 16 or 32 → 32 channels on 8 × 8; 32 rows, 64 → 64 on 16 × 16; 128 rows, 8 → 8 on 16 × 16), but
+    0.96–1.16× at 5–10 MB, where the chunks' extra calls cost what the cache saves — hence the threshold; on a CNN
+    of two stride-1 convolutions 16-16 at batch 32, 0.79× for Layerwise's natural direction and 0.82× for K-FAC's.
 
     For the benchmark CNN's second convolution (288 rows, 16 → 16 channels, 4 × 4 → 8 × 8, stride 2, T of 5 MB in
     one piece) this takes 0.61–0.73 ms against 0.73–0.94 ms for one ``index_add_`` of all taps into a zeroed
