@@ -381,6 +381,15 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
         _check_pull(conv_module.pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g)
 
 
+def test_conv_pull_of_no_rows_is_empty():
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    for whole in (conv_module.PULL_WHOLE_BYTES, 0):
+        with mock.patch.object(conv_module, "PULL_WHOLE_BYTES", whole):
+            pulled = conv_module.pull_rows(torch.zeros(0, 4, 4, 4, dtype=torch.float64), weight, (8, 8), (2, 2),
+                                           (1, 1), (1, 1))
+        assert pulled.shape == (0, 3, 8, 8)
+
+
 def _check_pull(pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g):
     pulled = pull_rows(rows, weight, size, stride, padding, dilation)
     assert pulled.shape == x.shape

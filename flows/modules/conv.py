@@ -118,12 +118,12 @@ def pull_rows(rows: torch.Tensor, weight: torch.Tensor, size, stride, padding, d
     n, c_out, oh, ow = rows.shape
     c_in = weight.shape[1]
     per_row = oh * ow * kh * kw * c_in * rows.element_size()
-    chunk = n if per_row * n <= PULL_WHOLE_BYTES else max(1, PULL_CHUNK_BYTES // per_row)
+    chunk = max(n, 1) if per_row * n <= PULL_WHOLE_BYTES else max(1, PULL_CHUNK_BYTES // per_row)
     by_position = rows.permute(0, 2, 3, 1)
     kernel = weight.permute(0, 2, 3, 1).reshape(c_out, -1)
     plan = _fold_plan((h, w), (oh, ow), (kh, kw), tuple(stride), tuple(padding), tuple(dilation))
     out = None
-    for start in range(0, n, chunk):
+    for start in range(0, n, chunk) or [0]:  # no rows: one empty GEMM gives the empty buffer
         part = by_position[start:start + chunk]
         taps = (part.reshape(-1, c_out) @ kernel).view(part.shape[0], oh, ow, kh, kw, c_in)
         if out is None:
