@@ -56,6 +56,16 @@ def time_each(candidates: dict, repeats: int, warmup: int = 2) -> dict[str, dict
     return out
 
 
+def time_passes(candidates: dict, repeats: int, rounds: int) -> dict[str, dict]:
+    """``rounds`` passes of :func:`time_each` (every candidate in its own block after its own warm-up); per
+    candidate the smallest min and the smallest median over the passes, so that a pass in which another process
+    held the cores does not decide a ratio on a shared machine, and every pass's min."""
+    passes = [time_each(candidates, repeats=repeats) for _ in range(rounds)]
+    return {name: {"min_s": min(p[name]["min_s"] for p in passes),
+                   "median_s": min(p[name]["median_s"] for p in passes),
+                   "pass_min_s": [p[name]["min_s"] for p in passes]} for name in candidates}
+
+
 def context() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

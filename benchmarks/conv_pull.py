@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, time_each, write_results  # noqa: E402
+from _common import setup, time_passes, write_results  # noqa: E402
 
 import flows  # noqa: E402
 from flows.metrics import KFAC, Layerwise  # noqa: E402
@@ -47,12 +47,6 @@ def with_threshold(whole_bytes: int, chunk_bytes: int, fn):
     return call
 
 
-def passes(calls: dict, rounds: int, repeats: int) -> dict:
-    found = [time_each(calls, repeats=repeats) for _ in range(rounds)]
-    return {name: {"min_s": min(p[name]["min_s"] for p in found),
-                   "median_s": min(p[name]["median_s"] for p in found)} for name in calls}
-
-
 def pull_geometry(rows, c_in, c_out, side, kernel, stride, padding, rounds, repeats) -> dict:
     g = torch.Generator().manual_seed(0)
     out_side = (side + 2 * padding - (kernel - 1) - 1) // stride + 1
@@ -63,7 +57,7 @@ def pull_geometry(rows, c_in, c_out, side, kernel, stride, padding, rounds, repe
     calls = {"whole": with_threshold(NEVER, conv.PULL_CHUNK_BYTES, lambda: conv.pull_rows(lhs, weight, *args)),
              "chunked": with_threshold(0, conv.PULL_CHUNK_BYTES, lambda: conv.pull_rows(lhs, weight, *args))}
     difference = float((calls["whole"]() - calls["chunked"]()).abs().max())
-    timing = passes(calls, rounds, repeats)
+    timing = time_passes(calls, repeats, rounds)
     return {"rows": rows, "channels": [c_in, c_out], "side": side, "kernel": kernel, "stride": stride,
             "tap_mb": tap_bytes / 2 ** 20, "library_chunks": tap_bytes > conv.PULL_WHOLE_BYTES,
             "max_abs_difference": difference, **{f"{k}_min_s": v["min_s"] for k, v in timing.items()},
@@ -105,7 +99,7 @@ def main(argv=None) -> int:
         calls[f"{name}_whole"] = with_threshold(NEVER, conv.PULL_CHUNK_BYTES,
                                                 lambda m=metric: m.natural_direction(theta))
         calls[name] = lambda m=metric: m.natural_direction(theta)
-    timing = passes(calls, rounds, repeats)
+    timing = time_passes(calls, repeats, rounds)
     network = {"network": f"CNN conv 1→{channels} → conv {channels}→{channels} (stride 1) → Linear, batch {batch}",
                **{f"{k}_min_s": v["min_s"] for k, v in timing.items()},
                **{f"{k}_median_s": v["median_s"] for k, v in timing.items()}}

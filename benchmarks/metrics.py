@@ -15,7 +15,7 @@ exists; one sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with o
 (``output="sampled_fisher"``: Martens & Grosse's Monte-Carlo Fisher, in the network configs only) and
 NaturalGradient (Woodbury over the whole network). GradientFlow asks a metric with ``natural_direction`` for it, so
 the fused calls are what a flow pays. Each candidate is timed in its own block after its own warm-up
-(``_common.time_each``), in five passes over all candidates of 13 timed calls each (65 per candidate): min over all
+(``_common.time_passes``), in five passes over all candidates of 13 timed calls each (65 per candidate): min over all
 of them, and the smallest of the five passes' medians, so that a pass in which another process held the cores does
 not decide a ratio; the ratios to the gradient from both. The machine's speed drifts by ±15 % over tens of seconds,
 longer than a block: five short passes sample each candidate in five phases of that drift, where two long ones
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, time_each, write_results  # noqa: E402
+from _common import setup, time_passes, write_results  # noqa: E402
 
 import flows  # noqa: E402
 from flows.metrics import KFAC, BlockDiagonal, Layerwise, NaturalGradient  # noqa: E402
@@ -134,16 +134,6 @@ def working(calls: dict) -> tuple[dict, dict]:
 ROUNDS = 5
 
 
-def timed(calls: dict, repeats: int, rounds: int = ROUNDS) -> dict:
-    """``rounds`` passes of :func:`_common.time_each` (every candidate in its own block after its own warm-up);
-    per candidate the smallest min and the smallest median over the passes, so that a pass in which another
-    process held the cores does not decide a ratio on a shared machine, and every pass's min."""
-    passes = [time_each(calls, repeats=repeats) for _ in range(rounds)]
-    return {name: {"min_s": min(p[name]["min_s"] for p in passes),
-                   "median_s": min(p[name]["median_s"] for p in passes),
-                   "pass_min_s": [p[name]["min_s"] for p in passes]} for name in calls}
-
-
 def machine_gauge(repeats: int = 15) -> float:
     """The machine's state when a config is timed: the min time (s) of a fixed memory- and BLAS-heavy product, the
     Gram of a 288 × 2 304 float64 matrix (the benchmark CNN's largest Layerwise product), 2 threads. ≈ 3.7 ms on
@@ -159,7 +149,7 @@ def run_config(label, problem, repeats, *, dense=False, generic=False, natural=T
     for name, reason in failed.items():
         print(f"  {name} not timed: {reason}", flush=True)
     gauge_before = machine_gauge()
-    timing = timed(calls, repeats)
+    timing = time_passes(calls, repeats, ROUNDS)
     gauge_after = machine_gauge()
     row = {"network": label, "batch": problem.batch_size, "N": problem.num_params,
            "machine_gauge_s": [gauge_before, gauge_after],
@@ -192,7 +182,7 @@ def width_sweep(widths, dense_widths, batch, repeats):
     rows = []
     for w in widths:
         problem = mlp_problem([64, w, w, 10], batch)
-        timing = timed(candidates(problem, problem.theta0, natural=False), repeats)
+        timing = time_passes(candidates(problem, problem.theta0, natural=False), repeats, ROUNDS)
         rows.append({"width": w, "N": problem.num_params, **{k: v["min_s"] for k, v in timing.items()}})
     dense_rows = []
     for w in dense_widths:

@@ -373,36 +373,36 @@ def test_conv_pull_is_the_vjp_of_the_convolution(kernel, stride, padding, dilati
 
     out, vjp = torch.func.vjp(conv, x)
     rows = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    other = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    _, other_vjp = torch.func.vjp(lambda inp: F.conv2d(inp, other, stride=stride, padding=padding,
+                                                       dilation=dilation), x)
+    expected = torch.stack([vjp(rows)[0], other_vjp(rows)[0]])
+
+    def pull(w):
+        return conv_module.pull_rows(rows, w, size, stride, padding, dilation)
+
     with contextlib.ExitStack() as stack:
         if chunk is not None:  # the threshold at 0 and chunks of exactly ``chunk`` rows (3 rows: 1+1+1 or 2+1)
             per_row = out[0].numel() // weight.shape[0] * weight[0].numel() * 8
             stack.enter_context(mock.patch.object(conv_module, "PULL_WHOLE_BYTES", 0))
             stack.enter_context(mock.patch.object(conv_module, "PULL_CHUNK_BYTES", chunk * per_row))
-        _check_pull(conv_module.pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g)
+        pulled = pull(weight)
+        batched = torch.func.vmap(pull)(torch.stack([weight, other]))
+        _, tangent = torch.func.jvp(pull, (weight,), (other,))
+    assert pulled.shape == x.shape
+    assert torch.allclose(pulled, expected[0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(batched, expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(tangent, expected[1], rtol=1e-12, atol=1e-12)  # the pull is linear in the weight
 
 
-def test_conv_pull_of_no_rows_is_empty():
+def test_conv_pull_of_no_rows_is_the_empty_input_gradient():
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    rows = torch.zeros(0, 4, 4, 4, dtype=torch.float64)
+    expected = torch.nn.grad.conv2d_input((0, 3, 8, 8), weight, rows, stride=2, padding=1)
     for whole in (conv_module.PULL_WHOLE_BYTES, 0):
         with mock.patch.object(conv_module, "PULL_WHOLE_BYTES", whole):
-            pulled = conv_module.pull_rows(torch.zeros(0, 4, 4, 4, dtype=torch.float64), weight, (8, 8), (2, 2),
-                                           (1, 1), (1, 1))
-        assert pulled.shape == (0, 3, 8, 8)
-
-
-def _check_pull(pull_rows, rows, weight, x, vjp, size, stride, padding, dilation, g):
-    pulled = pull_rows(rows, weight, size, stride, padding, dilation)
-    assert pulled.shape == x.shape
-    assert torch.allclose(pulled, vjp(rows)[0], rtol=1e-12, atol=1e-12)
-    other = torch.randn(weight.shape, generator=g, dtype=torch.float64)
-    _, other_vjp = torch.func.vjp(lambda inp: F.conv2d(inp, other, stride=stride, padding=padding,
-                                                       dilation=dilation), x)
-    expected = torch.stack([vjp(rows)[0], other_vjp(rows)[0]])
-    batched = torch.func.vmap(lambda w: pull_rows(rows, w, size, stride, padding, dilation))(
-        torch.stack([weight, other]))
-    assert torch.allclose(batched, expected, rtol=1e-12, atol=1e-12)
-    _, tangent = torch.func.jvp(lambda w: pull_rows(rows, w, size, stride, padding, dilation), (weight,), (other,))
-    assert torch.allclose(tangent, expected[1], rtol=1e-12, atol=1e-12)  # the pull is linear in the weight
+            pulled = conv_module.pull_rows(rows, weight, (8, 8), (2, 2), (1, 1), (1, 1))
+        assert pulled.shape == expected.shape == (0, 3, 8, 8)
 
 
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
