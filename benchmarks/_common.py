@@ -57,13 +57,17 @@ def time_each(candidates: dict, repeats: int, warmup: int = 2) -> dict[str, dict
 
 
 def time_passes(candidates: dict, repeats: int, rounds: int) -> dict[str, dict]:
-    """``rounds`` passes of :func:`time_each` (every candidate in its own block after its own warm-up); per
-    candidate the smallest min and the smallest median over the passes, so that a pass in which another process
-    held the cores does not decide a ratio on a shared machine, and every pass's min."""
-    passes = [time_each(candidates, repeats=repeats) for _ in range(rounds)]
+    """``rounds`` passes of :func:`time_each` (every candidate in its own block after its own warm-up), summarised
+    by :func:`summarize_passes`."""
+    return summarize_passes([time_each(candidates, repeats=repeats) for _ in range(rounds)])
+
+
+def summarize_passes(passes: list[dict]) -> dict[str, dict]:
+    """Per candidate the smallest min and the smallest median over passes of :func:`time_each`, so that a pass in
+    which another process held the cores does not decide a ratio on a shared machine, and every pass's min."""
     return {name: {"min_s": min(p[name]["min_s"] for p in passes),
                    "median_s": min(p[name]["median_s"] for p in passes),
-                   "pass_min_s": [p[name]["min_s"] for p in passes]} for name in candidates}
+                   "pass_min_s": [p[name]["min_s"] for p in passes]} for name in passes[0]}
 
 
 def context() -> dict:
