@@ -147,7 +147,12 @@ class MachineGauge:
     this machine when it is quiet; a neighbour on the shared cores or memory bus slows it, and the memory-heavy
     metrics with it, more than the plain gradient (in one run every pass of MLP 64-128-128-10 ran with the gauge at
     4.3–4.5 ms: the gradient took 0.84 ms against 0.66 ms, Layerwise 3.98 against 2.48 ms, and the ratio read 4.7
-    against 3.8). ``quietest`` is the smallest reading of the run so far, the reference for :meth:`quiet`."""
+    against 3.8). ``quietest`` is the smallest reading of the run so far, the reference for :meth:`quiet`.
+
+    A quiet gauge is necessary, not sufficient: the Gram is bound by the cores' arithmetic and misses a neighbour
+    that takes only the shared cache or memory bandwidth. In runs 31–33 every CNN pass had the gauge within 8 % of
+    the run's quietest, yet K-FAC on the CNN took 4.19–4.41 ms at a gradient of 1.37–1.41 ms, against 3.43–3.88 ms
+    at 1.36–1.37 ms in runs 24–26 and 30 (``benchmarks/results/metrics_runs.md``)."""
 
     def __init__(self, repeats: int = 15):
         self.product = torch.randn(288, 2304, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
