@@ -21,7 +21,7 @@ cores does not decide a ratio; the ratios to the gradient from both. The machine
 of seconds, longer than a block: five short passes sample each candidate in five phases of that drift, where two
 long ones (2 × 31, the earlier protocol) sampled two, and the min of a candidate that ran only in slow phases decided
 its ratio. The machine gauge (:class:`MachineGauge`) is read before each config's first pass and after every pass;
-a config in which no pass was quiet (the gauge on both sides within 10 % of the run's quietest reading) gets more
+a config in which no pass was quiet (the gauge on both sides within 10 % of the quietest reading so far) gets more
 passes, up to ten, until one is (:func:`time_config`): the issue's targets are quiet-machine figures, and a busy
 neighbour slows the memory-heavy metrics more than the gradient. The gauge alone decides, never the times; a config
 still busy after ten passes is reported as such. Per-pass mins, the gauge readings and which passes were quiet are
@@ -138,7 +138,7 @@ def working(calls: dict) -> tuple[dict, dict]:
 
 ROUNDS = 5  # passes per config
 MAX_ROUNDS = 10  # passes per config while none of them has been quiet
-QUIET = 1.10  # a pass is quiet when the gauge read on both sides of it is ≤ QUIET × the run's quietest reading
+QUIET = 1.10  # a pass is quiet when the gauge read on both sides of it is ≤ QUIET × the quietest reading so far
 
 
 class MachineGauge:
