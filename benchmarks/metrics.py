@@ -192,7 +192,7 @@ def run_config(label, problem, repeats, gauge, *, dense=False, generic=False, na
     timing, readings, quiet = time_config(calls, repeats, gauge)
     if not any(quiet):
         print(f"  host busy throughout {label}: no quiet pass in {len(quiet)} (gauge {fmt(min(readings))}–"
-              f"{fmt(max(readings))} ms against the run's quietest {fmt(gauge.quietest)} ms); its ratios are not "
+              f"{fmt(max(readings))} ms against the quietest so far, {fmt(gauge.quietest)} ms); its ratios are not "
               "quiet-machine figures", flush=True)
     row = {"network": label, "batch": problem.batch_size, "N": problem.num_params,
            "machine_gauge_s": readings, "quiet_passes": quiet,
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
         print(f"\ntargets: Layerwise/gradient CNN {conv['layerwise_over_gradient_min']:.2f} (≤ 6), MLP 64-128-128-10 "
               f"b32 {mlp['layerwise_over_gradient_min']:.2f} (≤ 4); K-FAC/gradient CNN "
               f"{conv['kfac_over_gradient_min']:.2f} (≤ 3; sampled Fisher "
-              f"{conv.get('kfac_sampled_over_gradient_min', float('nan')):.2f}); machine gauge (ms, run's quietest "
+              f"{conv.get('kfac_sampled_over_gradient_min', float('nan')):.2f}); machine gauge (ms, quietest "
               f"{fmt(gauge.quietest)}) MLP {gauge_summary(mlp)}, CNN {gauge_summary(conv)}")
     elapsed = time.perf_counter() - started
     path = write_results("metrics", {"quick": args.quick, "mu": MU, "repeats": repeats, "configs": rows,
