@@ -16,13 +16,13 @@ exists; one sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with o
 NaturalGradient (Woodbury over the whole network). GradientFlow asks a metric with ``natural_direction`` for it, so
 the fused calls are what a flow pays. Each candidate is timed in its own block after its own
 warm-up (``_common.time_each``), in five passes over all candidates of 13 timed calls each (65 per candidate): min
-over all of them, and the smallest of the five passes' medians, so that a pass in which another process held the
+over all of them, and the smallest of the passes' medians, so that a pass in which another process held the
 cores does not decide a ratio; the ratios to the gradient from both. The machine's speed drifts by ±15 % over tens
 of seconds, longer than a block: five short passes sample each candidate in five phases of that drift, where two
 long ones (2 × 31, the earlier protocol) sampled two, and the min of a candidate that ran only in slow phases decided
 its ratio. The machine gauge (:class:`MachineGauge`) is read before each config's first pass and after every pass;
 a config in which no pass was quiet (the gauge on both sides within 10 % of the quietest reading so far) gets more
-passes, up to ten, until one is (:func:`time_config`): the issue's targets are quiet-machine figures, and a busy
+passes, up to ten, until one is (:func:`time_config`): the ratios are meant as quiet-machine figures, and a busy
 neighbour slows the memory-heavy metrics more than the gradient. The gauge alone decides, never the times; a config
 still busy after ten passes is reported as such. Per-pass mins, the gauge readings and which passes were quiet are
 kept in the results file. The dense references (BlockDiagonal's dense blocks and the dense
@@ -142,7 +142,7 @@ QUIET = 1.10  # a pass is quiet when the gauge read on both sides of it is ≤ Q
 
 
 class MachineGauge:
-    """The machine's state while a config is timed: the min time (s) of a fixed memory- and BLAS-heavy product, the
+    """The machine's state while a config is timed: the min time (s) of a fixed BLAS-heavy product, the
     Gram of a 288 × 2 304 float64 matrix (the benchmark CNN's largest Layerwise product), 2 threads. ≈ 3.7 ms on
     this machine when it is quiet; a neighbour on the shared cores or memory bus slows it, and the memory-heavy
     metrics with it, more than the plain gradient (in one run every pass of MLP 64-128-128-10 ran with the gauge at
@@ -172,7 +172,7 @@ class MachineGauge:
 def time_config(calls: dict, repeats: int, gauge: MachineGauge) -> tuple[dict, list, list]:
     """``ROUNDS`` passes of :func:`time_each` over all candidates, with the gauge read before the first pass and
     after each; while no pass has been quiet (:meth:`MachineGauge.quiet` on the readings around it), more passes,
-    up to ``MAX_ROUNDS``. The issue's targets are quiet-machine figures, and the min over the passes needs at least
+    up to ``MAX_ROUNDS``. The ratios are meant as quiet-machine figures, and the min over the passes needs at least
     one pass in which the machine was quiet; whether to go on is decided by the gauge alone, never by the times.
     Returns the summary over all passes (:func:`summarize_passes`), the gauge readings and which passes were
     quiet."""
@@ -284,9 +284,8 @@ def main(argv=None) -> int:
 
     names = ["gradient", "layerwise", "layerwise_generic", "kfac", "kfac_sampled", "natural_gradient"]
     print(f"\ntime per natural direction (ms, min over {ROUNDS}–{MAX_ROUNDS} passes × {repeats} after warm-up, each "
-          f"candidate in its own "
-          f"block), float64, {torch.get_num_threads()} threads, μ = {MU}; load average {load_before[0]:.1f} → "
-          f"{load_after[0]:.1f}")
+          f"candidate in its own block), float64, {torch.get_num_threads()} threads, μ = {MU}; load average "
+          f"{load_before[0]:.1f} → {load_after[0]:.1f}")
     header = f"{'network':<19}{'batch':>6}{'N':>8}{'d':>6}" + "".join(f"{n:>19}" for n in names)
     print(header + f"{'BD dense':>10}{'GGN dense':>11}{'gauge (quiet passes)':>24}")
     for r in rows:
