@@ -14,18 +14,18 @@ Rows: the plain gradient (the baseline), Layerwise (one sweep, no gradient pass)
 exists; one sweep, the exact softmax-Fisher rows as for Layerwise), K-FAC with one sampled-Fisher row per sample
 (``output="sampled_fisher"``: Martens & Grosse's Monte-Carlo Fisher, in the network configs only) and
 NaturalGradient (Woodbury over the whole network). GradientFlow asks a metric with ``natural_direction`` for it, so
-the fused calls are what a flow pays. Each candidate is timed in its own block after its own
-warm-up (``_common.time_each``), in five passes over all candidates of 13 timed calls each (65 per candidate): min
-over all of them, and the smallest of the passes' medians, so that a pass in which another process held the
-cores does not decide a ratio; the ratios to the gradient from both. The machine's speed drifts by ±15 % over tens
-of seconds, longer than a block: five short passes sample each candidate in five phases of that drift, where two
-long ones (2 × 31, the earlier protocol) sampled two, and the min of a candidate that ran only in slow phases decided
-its ratio. The machine gauge (:class:`MachineGauge`) is read before each config's first pass and after every pass;
-a config in which no pass was quiet (the gauge on both sides within 10 % of the quietest reading so far) gets more
-passes, up to ten, until one is (:func:`time_config`): the ratios are meant as quiet-machine figures, and a busy
-neighbour slows the memory-heavy metrics more than the gradient. The gauge alone decides, never the times; a config
-still busy after ten passes is reported as such. Per-pass mins, the gauge readings and which passes were quiet are
-kept in the results file. The dense references (BlockDiagonal's dense blocks and the dense
+the fused calls are what a flow pays. Each candidate is timed in its own block after its own warm-up
+(``_common.time_each``), in five or more passes over all candidates of 13 timed calls each (65 or more per
+candidate): min over all of them, and the smallest of the passes' medians, so that a pass in which another process
+held the cores does not decide a ratio; the ratios to the gradient from both. The machine's speed drifts by ±15 %
+over tens of seconds, longer than a block: five short passes sample each candidate in five phases of that drift,
+where two long ones (2 × 31, the earlier protocol) sampled two, and the min of a candidate that ran only in slow
+phases decided its ratio. The machine gauge (:class:`MachineGauge`) is read before each config's first pass and
+after every pass; a config in which no pass was quiet (the gauge on both sides within 10 % of the quietest reading
+so far) gets more passes, up to ten, until one is (:func:`time_config`): the ratios are meant as quiet-machine
+figures, and a busy neighbour slows the memory-heavy metrics more than the gradient. The gauge alone decides, never
+the times; a config still busy after ten passes is reported as such. Per-pass mins, the gauge readings and which
+passes were quiet are kept in the results file. The dense references (BlockDiagonal's dense blocks and the dense
 GGN solve) run once per size, and only where they take seconds: MLP 64-32-32-10 at batch 32 and the CNN. Dropped
 from earlier versions to keep a full run near five minutes: dense solves at MLP 64-128-128-10 (27 s and 54 s on a
 quiet machine) and the largest points of both width sweeps (width 2048; dense widths 80 and 96).
