@@ -86,8 +86,9 @@ def test_qr_exponents_of_a_linear_system_converge_to_the_real_parts_of_its_eigen
     theta0 = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
     errors = []
     for horizon in (5.0, 40.0):
-        result = lyapunov(field, theta0, torch.linspace(0, horizon, int(horizon) + 1), k=3, rtol=1e-10,
-                          atol=1e-12, progress=False)
+        # rtol 1e-7 moves the errors by < 1e-6 from 1e-10 (0.0101, 0.0589 at T = 40) in a quarter to a third of the time
+        result = lyapunov(field, theta0, torch.linspace(0, horizon, int(horizon) + 1), k=3, rtol=1e-7,
+                          atol=1e-9, progress=False)
         errors.append(float((result.exponents - torch.tensor(exact, dtype=torch.float64)).abs().max()))
     # finite-time exponents carry an O(1/T) transient (larger for the non-normal A); it shrinks with T
     assert errors[1] < errors[0] and errors[1] < 0.1
@@ -98,10 +99,10 @@ def test_top_exponent_of_a_quadratic_gradient_flow_is_minus_the_smallest_curvatu
     h = torch.diag(torch.tensor([1.0, 3.0, 0.4], dtype=torch.float64))
     problem = flows.data.quadratic(h, torch.tensor([1.0, 1.0, 1.0]))
     field = flows.rules.GradientFlow(problem)
-    result = lyapunov(field, problem.theta0, torch.linspace(0, 20, 21), k=1, rtol=1e-8, atol=1e-10, progress=False)
+    result = lyapunov(field, problem.theta0, torch.linspace(0, 20, 21), k=1, rtol=1e-6, atol=1e-9, progress=False)
     # the flow is linear, θ(t) = e^{−Ht}θ₀, so the exponent is exact up to the start-up of the random tangent
     assert float(result.exponents[0]) == pytest.approx(-0.4, abs=0.05)
-    long = lyapunov(field, problem.theta0, torch.linspace(0, 80, 81), k=1, rtol=1e-8, atol=1e-10, progress=False)
+    long = lyapunov(field, problem.theta0, torch.linspace(0, 80, 81), k=1, rtol=1e-6, atol=1e-9, progress=False)
     assert abs(float(long.exponents[0]) + 0.4) < abs(float(result.exponents[0]) + 0.4) + 1e-12
 
 
