@@ -30,10 +30,10 @@ def _numbers(table):
 
 
 def test_grid_runs_match_serial_runs_bit_for_bit(client, tmp_path):
-    grid = Grid(TINY, {"metric": ["euclidean", "layerwise"], "seed": [0, 1]})
+    grid = Grid(TINY, {"metric": ["euclidean", "layerwise"], "seed": [0, 1], "t_end": [0.5, 1.0]})
     result = run(grid, out=tmp_path, client=client, progress=False)
-    assert (result.computed, result.skipped, result.failed) == (4, 0, 0)
-    assert len(result.table) == 4 and set(result.table["status"]) == {"ok"}
+    assert (result.computed, result.skipped, result.failed) == (8, 0, 0)
+    assert len(result.table) == 8 and set(result.table["status"]) == {"ok"}
     for spec in grid.specs():
         serial, row = execute(spec)  # in this process, one torch thread, as on the workers
         stored = flows.Trajectory.load(run_path(tmp_path, spec.run_id))
