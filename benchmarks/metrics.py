@@ -29,7 +29,8 @@ passes were quiet are kept in the results file. The dense references (BlockDiago
 GGN solve) run once per size, and only where they take seconds: MLP 64-32-32-10 at batch 32 and the CNN. Dropped
 from earlier versions to keep a full run near five minutes on a quiet Zen 4 host: dense solves at MLP 64-128-128-10
 (27 s and 54 s on a quiet machine) and the largest points of both width sweeps (width 2048; dense widths 80 and
-96). On a busy Zen 3 host, where every config may get ten passes, a run took 11–22 minutes.
+96). On a busy Zen 3 host, where every config may get ten passes, a run took 11–22 minutes; on a quiet Intel
+Xeon host about four.
 
 Targets (issue 12): Layerwise ≤ 6× the gradient on the CNN and ≤ 4× on MLP 64-128-128-10 at batch 32; K-FAC ≤ 3×
 on the CNN. Width sweep at batch 32: fitted exponent of time in N, ≈ 1 for Layerwise against ≈ 3 for dense.
@@ -145,11 +146,11 @@ QUIET = 1.10  # a pass is quiet when the gauge read on both sides of it is ≤ Q
 class MachineGauge:
     """The machine's state while a config is timed: the min time (s) of a fixed BLAS-heavy product, the
     Gram of a 288 × 2 304 float64 matrix (the benchmark CNN's largest Layerwise product), 2 threads. ≈ 3.7 ms on
-    the Zen 4 host of runs 1–34 when it is quiet, ≈ 5.1 ms on the Zen 3 host of runs 35–37; a neighbour on the
-    shared cores or memory bus slows it, and the memory-heavy metrics with it, more than the plain gradient (in one
-    run every pass of MLP 64-128-128-10 ran with the gauge at 4.3–4.5 ms: the gradient took 0.84 ms against
-    0.66 ms, Layerwise 3.98 against 2.48 ms, and the ratio read 4.7 against 3.8). ``quietest`` is the smallest
-    reading of the run so far, the reference for :meth:`quiet`.
+    the Zen 4 host of runs 1–34 when it is quiet, ≈ 5.1 ms on the Zen 3 host of runs 35–37, 2.2–2.4 ms on the
+    Intel host of runs 38–42; a neighbour on the shared cores or memory bus slows it, and the memory-heavy metrics
+    with it, more than the plain gradient (in one run every pass of MLP 64-128-128-10 ran with the gauge at
+    4.3–4.5 ms: the gradient took 0.84 ms against 0.66 ms, Layerwise 3.98 against 2.48 ms, and the ratio read 4.7
+    against 3.8). ``quietest`` is the smallest reading of the run so far, the reference for :meth:`quiet`.
 
     A quiet gauge is necessary, not sufficient: the Gram is bound by the cores' arithmetic and misses a neighbour
     that takes only the shared cache or memory bandwidth. In runs 31–33 every CNN pass had the gauge within 8 % of
