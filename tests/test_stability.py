@@ -86,7 +86,7 @@ def test_qr_exponents_of_a_linear_system_converge_to_the_real_parts_of_its_eigen
     theta0 = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
     errors = []
     for horizon in (5.0, 40.0):
-        # against rtol 1e-10 the errors (0.0101, 0.0589 at T = 40) change by < 1e-6, at a quarter to a third of the time
+        # against rtol 1e-10 the errors (at T = 40: 0.0101 normal, 0.0589 non-normal) move by < 2e-7; 1/4–1/3 the time
         result = lyapunov(field, theta0, torch.linspace(0, horizon, int(horizon) + 1), k=3, rtol=1e-7,
                           atol=1e-9, progress=False)
         errors.append(float((result.exponents - torch.tensor(exact, dtype=torch.float64)).abs().max()))
